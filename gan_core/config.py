@@ -1,0 +1,423 @@
+"""Structured run configs: one OmegaConf dataclass tree describes a whole GAN run.
+
+A config is loaded from a preset name (a YAML file in ``gan_core/presets``) or a YAML path, then
+``key=value`` overrides are applied, then ``validate`` checks ranges and combinations. Every
+problem is a ``ConfigError`` naming the key, the bad value, what is allowed and where it came from,
+so a bad config is refused before any training (or any Ray worker) starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+DATASETS = ("ring8", "grid25", "digits", "stacked_digits", "parquet")
+OBJECTIVES = ("minimax", "nonsaturating", "wgan-gp", "dragan", "ebgan", "madgan", "mrgan")
+ARCHS = ("mlp", "dcgan")
+ACTIVATIONS = ("relu", "leaky_relu", "tanh", "elu")
+OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+class ConfigError(ValueError):
+    """A config value that is unknown, mistyped, out of range or incompatible with another."""
+
+    def __init__(self, key: str, value: Any, allowed: str, source: str = "<overrides>") -> None:
+        self.key, self.value, self.allowed, self.source = key, value, allowed, source
+        super().__init__(f"{source}: {key}={value!r} is invalid; allowed: {allowed}")
+
+
+@dataclass
+class DataConfig:
+    name: str = "ring8"
+    # Parquet only: a file or folder, local path or s3:// URI; see gan_core.data.ParquetDataset.
+    path: str = ""
+    # Parquet only: image side for an "image" column of flattened pixels (0 = points data).
+    image_size: int = 0
+    channels: int = 1
+
+
+@dataclass
+class GeneratorConfig:
+    arch: str = "mlp"
+    count: int = 1  # > 1 is a MAD-GAN generator bank
+    shared: bool = False  # MAD-GAN: share all but the last layer between generators
+    z_dim: int = 2
+    width: int = 400  # MLP hidden units, or DCGAN base channels
+    depth: int = 4  # MLP hidden layers
+    activation: str = "relu"
+    batch_norm: bool = True
+
+
+@dataclass
+class MinibatchConfig:
+    kernels: int = 0  # B in Salimans et al.; 0 turns minibatch discrimination off
+    kernel_dims: int = 5  # C
+
+
+@dataclass
+class DiscriminatorConfig:
+    arch: str = "mlp"
+    width: int = 200
+    depth: int = 3
+    activation: str = "leaky_relu"
+    maxout_pieces: int = 1  # > 1 replaces each hidden activation by a maxout of that many pieces
+    batch_norm: bool = False  # off by default: BN on real-only/fake-only batches leaks statistics
+    pack: int = 1  # PacGAN: samples per discriminator input
+    minibatch: MinibatchConfig = field(default_factory=MinibatchConfig)
+
+
+@dataclass
+class EncoderConfig:
+    """MRGAN's encoder E: x -> z (an MLP or DCGAN-style conv net like D's body)."""
+
+    width: int = 200
+    depth: int = 3
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "nonsaturating"
+    gp_weight: float = 10.0  # WGAN-GP and DRAGAN penalty weight (lambda)
+    n_critic: int = 1  # D updates per G update
+    dragan_noise: float = 0.5  # DRAGAN perturbation scale c: x + c * std(x) * U[0, 1)
+    ebgan_margin: float = 1.0
+    ebgan_pt_weight: float = 0.1  # pulling-away term weight
+    madgan_diversity: float = 0.0  # cosine-similarity penalty between generators' samples
+    mrgan_geometric: float = 0.2  # lambda_1: ||x - G(E(x))||^2
+    mrgan_mode: float = 0.4  # lambda_2: -log D(G(E(x)))
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adam"
+    lr: float = 1e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+
+
+@dataclass
+class UnrollConfig:
+    steps: int = 0  # k look-ahead steps of D for G's loss; 0 = off
+    second_order: bool = True  # differentiate G's loss through the k steps (as in the paper)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 5000  # G updates
+    batch_size: int = 100  # per worker
+    ema: float = 0.0  # decay of an exponential moving average of G's weights; 0 = off
+    lr_schedule: str = "constant"
+    threads: int = 0  # torch intra-op threads per process; 0 = leave torch's default
+
+
+@dataclass
+class EvalConfig:
+    every: int = 1000  # steps between evaluations
+    samples: int = 2500  # generated samples scored per evaluation
+    grid: int = 64  # samples in the fixed-noise grid / scatter
+
+
+@dataclass
+class ResourcesConfig:
+    """How the Ray service runs this config (gan_core itself ignores it)."""
+
+    backend: str = "ray"  # ray | local
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000  # steps; a checkpoint is also written at the end
+    keep: int = 2  # best K kept by `metric`
+    metric: str = "modes"
+    mode: str = "max"
+
+
+@dataclass
+class StorageConfig:
+    uri: str = "./runs"  # local folder or s3://bucket/prefix
+    endpoint: str = ""  # S3-compatible endpoint URL; empty = AWS_ENDPOINT_URL or AWS default
+    region: str = ""
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = ""  # empty = MLFLOW_TRACKING_URI or sqlite:///<storage>/mlflow.db
+    experiment: str = "raygan"
+
+
+@dataclass
+class GanConfig:
+    name: str = "ring8"  # run name; stable so that rerunning the same name resumes
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    generators: GeneratorConfig = field(default_factory=GeneratorConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    g_optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    d_optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    unroll: UnrollConfig = field(default_factory=UnrollConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _resolve_source(preset_or_path: str) -> Path:
+    path = Path(preset_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError("--config", preset_or_path, "an existing YAML file", str(path))
+        return path
+    candidate = PRESET_DIR / f"{preset_or_path}.yaml"
+    if not candidate.is_file():
+        raise ConfigError(
+            "--config", preset_or_path, f"a YAML path or a preset: {', '.join(preset_names())}"
+        )
+    return candidate
+
+
+def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        key = str(getattr(exc, "full_key", None) or "?")
+        value = _bad_value(exc)
+        if "not in struct" in str(exc) and isinstance(other, DictConfig):
+            value = OmegaConf.select(other, key, default=value)
+        raise ConfigError(key, value, _allowed_for(key, exc), source) from None
+
+
+def _bad_value(exc: OmegaConfBaseException) -> Any:
+    msg = str(exc).splitlines()[0]
+    # OmegaConf messages look like "Value 'abc' of type 'str' could not be converted to Integer".
+    if msg.startswith("Value '"):
+        return msg.split("'")[1]
+    return getattr(exc, "key", None) or msg
+
+
+def _allowed_for(key: str, exc: OmegaConfBaseException) -> str:
+    if "not in struct" in str(exc) or "Key '" in str(exc):
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        return "known keys: " + ", ".join(_known_keys(parent))
+    typ = _field_type(key)
+    return f"a value of type {typ}" if typ else str(exc).splitlines()[0]
+
+
+def _known_keys(parent: str) -> list[str]:
+    node: Any = GanConfig()
+    for part in filter(None, parent.split(".")):
+        node = getattr(node, part, None)
+        if not dataclasses.is_dataclass(node):
+            return []
+    return [f.name for f in dataclasses.fields(node)]
+
+
+def _field_type(key: str) -> str:
+    node: Any = GanConfig()
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = getattr(node, part, None)
+        if node is None:
+            return ""
+    value = getattr(node, parts[-1], None)
+    return type(value).__name__ if value is not None else ""
+
+
+def parse_overrides(overrides: list[str]) -> DictConfig:
+    """Turn ``["a.b=1", "c=x"]`` into a config; a malformed item is a ConfigError."""
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(item, item, "overrides of the form key=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as exc:
+        raise ConfigError("overrides", overrides, f"key=value items ({exc})") from None
+
+
+def _load_file(source: Path, schema: DictConfig, seen: tuple[Path, ...]) -> DictConfig:
+    """Merge a YAML file onto ``schema``; a top-level ``base: PRESET_OR_PATH`` is merged first."""
+    if source.resolve() in seen:
+        raise ConfigError("base", str(source), "a chain of base files without a cycle", str(source))
+    try:
+        from_file = OmegaConf.load(source)
+    except Exception as exc:  # YAML syntax errors come in several exception types
+        raise ConfigError("<file>", str(source), f"valid YAML ({exc})", str(source)) from None
+    if from_file is None or not isinstance(from_file, DictConfig):
+        raise ConfigError("<file>", str(source), "a YAML mapping of config keys", str(source))
+    base = from_file.pop("base", None)
+    if base is not None:
+        relative = source.parent / str(base)
+        base_path = relative if relative.is_file() else _resolve_source(str(base))
+        schema = _load_file(base_path, schema, seen + (source.resolve(),))
+    return _merge(schema, from_file, str(source))
+
+
+def load_config(preset_or_path: str = "ring8", overrides: list[str] | None = None) -> GanConfig:
+    """Build a validated GanConfig from a preset name or YAML path plus ``key=value`` overrides."""
+    source = _resolve_source(preset_or_path)
+    merged = _load_file(source, OmegaConf.structured(GanConfig), seen=())
+    where = str(source)
+    if overrides:
+        merged = _merge(merged, parse_overrides(overrides), "overrides")
+        where = f"{source} + overrides"
+    cfg: GanConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(cfg, where)
+    return cfg
+
+
+def from_dict(data: dict[str, Any], source: str = "<dict>") -> GanConfig:
+    """Build and validate a GanConfig from a plain (possibly nested or dotted) dict."""
+    merged = _merge(OmegaConf.structured(GanConfig), OmegaConf.create(data), source)
+    cfg: GanConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(cfg, source)
+    return cfg
+
+
+def to_dict(cfg: GanConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: GanConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def flatten(cfg: GanConfig) -> dict[str, Any]:
+    """``{"generators.count": 1, ...}``: the form MLflow params and Tune spaces use."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: dict[str, Any]) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(name + ".", value)
+            else:
+                out[name] = value
+
+    walk("", to_dict(cfg))
+    return out
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str, source: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, allowed, source)
+
+
+def _one_of(key: str, value: Any, options: tuple[str, ...], source: str) -> None:
+    _check(value in options, key, value, "one of " + ", ".join(options), source)
+
+
+def validate(cfg: GanConfig, source: str = "<config>") -> None:
+    """Range and combination checks that types alone cannot express."""
+    g, d, o, t = cfg.generators, cfg.discriminator, cfg.objective, cfg.train
+    _one_of("data.name", cfg.data.name, DATASETS, source)
+    _check(
+        cfg.data.name != "parquet" or bool(cfg.data.path),
+        "data.path", cfg.data.path, "a Parquet file or folder when data.name=parquet", source,
+    )
+    _check(cfg.data.image_size >= 0, "data.image_size", cfg.data.image_size, ">= 0", source)
+    _check(cfg.data.channels >= 1, "data.channels", cfg.data.channels, ">= 1", source)
+    _one_of("objective.name", o.name, OBJECTIVES, source)
+    for prefix, arch in (("generators", g.arch), ("discriminator", d.arch)):
+        _one_of(f"{prefix}.arch", arch, ARCHS, source)
+    _one_of("generators.activation", g.activation, ACTIVATIONS, source)
+    _one_of("discriminator.activation", d.activation, ACTIVATIONS, source)
+    _check(g.count >= 1, "generators.count", g.count, ">= 1 (1 = single G, > 1 = MAD-GAN)", source)
+    _check(g.z_dim >= 1, "generators.z_dim", g.z_dim, ">= 1", source)
+    for prefix, net in (("generators", g), ("discriminator", d), ("encoder", cfg.encoder)):
+        _check(net.width >= 1, f"{prefix}.width", net.width, ">= 1", source)
+        _check(net.depth >= 1, f"{prefix}.depth", net.depth, ">= 1", source)
+    _check(d.maxout_pieces >= 1, "discriminator.maxout_pieces", d.maxout_pieces, ">= 1", source)
+    _check(d.pack >= 1, "discriminator.pack", d.pack, ">= 1", source)
+    mb = d.minibatch
+    _check(mb.kernels >= 0, "discriminator.minibatch.kernels", mb.kernels, ">= 0 (0 = off)", source)
+    _check(mb.kernel_dims >= 1, "discriminator.minibatch.kernel_dims", mb.kernel_dims, ">= 1", source)
+    for prefix, opt in (("g_optim", cfg.g_optim), ("d_optim", cfg.d_optim)):
+        _one_of(f"{prefix}.name", opt.name, OPTIMIZERS, source)
+        _check(opt.lr > 0, f"{prefix}.lr", opt.lr, "> 0", source)
+        _check(0 <= opt.beta1 < 1, f"{prefix}.beta1", opt.beta1, "in [0, 1)", source)
+        _check(0 <= opt.beta2 < 1, f"{prefix}.beta2", opt.beta2, "in [0, 1)", source)
+    _check(cfg.unroll.steps >= 0, "unroll.steps", cfg.unroll.steps, ">= 0 (0 = off)", source)
+    _check(o.n_critic >= 1, "objective.n_critic", o.n_critic, ">= 1", source)
+    for key in ("gp_weight", "dragan_noise", "ebgan_margin", "ebgan_pt_weight",
+                "madgan_diversity", "mrgan_geometric", "mrgan_mode"):
+        value = getattr(o, key)
+        _check(value >= 0, f"objective.{key}", value, ">= 0", source)
+    _check(t.steps >= 1, "train.steps", t.steps, ">= 1", source)
+    _check(t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1", source)
+    _check(0 <= t.ema < 1, "train.ema", t.ema, "in [0, 1) (0 = off)", source)
+    _one_of("train.lr_schedule", t.lr_schedule, LR_SCHEDULES, source)
+    _check(t.threads >= 0, "train.threads", t.threads, ">= 0 (0 = torch default)", source)
+    _check(cfg.eval.every >= 1, "eval.every", cfg.eval.every, ">= 1", source)
+    _check(cfg.eval.samples >= 1, "eval.samples", cfg.eval.samples, ">= 1", source)
+    _check(cfg.eval.grid >= 1, "eval.grid", cfg.eval.grid, ">= 1", source)
+    r = cfg.resources
+    _one_of("resources.backend", r.backend, ("ray", "local"), source)
+    _check(r.num_workers >= 1, "resources.num_workers", r.num_workers, ">= 1", source)
+    _check(r.cpus_per_worker > 0, "resources.cpus_per_worker", r.cpus_per_worker, "> 0", source)
+    _check(r.max_failures >= -1, "resources.max_failures", r.max_failures, ">= -1", source)
+    c = cfg.checkpoint
+    _check(c.every >= 1, "checkpoint.every", c.every, ">= 1", source)
+    _check(c.keep >= 1, "checkpoint.keep", c.keep, ">= 1", source)
+    _one_of("checkpoint.mode", c.mode, ("max", "min"), source)
+    _check(bool(cfg.name) and "/" not in cfg.name, "name", cfg.name, "a non-empty name without '/'",
+           source)
+
+    # Combinations.
+    _check(
+        t.batch_size >= g.count, "train.batch_size", t.batch_size,
+        f">= generators.count ({g.count}): every generator needs samples in a batch", source,
+    )
+    _check(
+        t.batch_size % g.count == 0, "train.batch_size", t.batch_size,
+        f"a multiple of generators.count ({g.count})", source,
+    )
+    _check(
+        t.batch_size % d.pack == 0, "train.batch_size", t.batch_size,
+        f"a multiple of discriminator.pack ({d.pack})", source,
+    )
+    _check(
+        o.name != "madgan" or g.count >= 2, "objective.name", o.name,
+        f"madgan needs generators.count >= 2 (got {g.count}); use nonsaturating for one G", source,
+    )
+    _check(
+        o.name != "madgan" or d.pack == 1, "discriminator.pack", d.pack,
+        "1 with objective madgan (D classifies single samples by generator)", source,
+    )
+    _check(
+        o.name != "ebgan" or mb.kernels == 0, "discriminator.minibatch.kernels", mb.kernels,
+        "0 with objective ebgan (its discriminator is an autoencoder)", source,
+    )
+    _check(
+        o.name != "ebgan" or d.pack == 1, "discriminator.pack", d.pack,
+        "1 with objective ebgan (its discriminator is an autoencoder)", source,
+    )
+    _check(
+        not (mb.kernels > 0 and t.batch_size // d.pack < 2), "discriminator.minibatch.kernels",
+        mb.kernels, "0 when a batch holds fewer than 2 discriminator inputs", source,
+    )
+    image_data = cfg.data.name in ("digits", "stacked_digits") or cfg.data.image_size > 0
+    for prefix, arch in (("generators.arch", g.arch), ("discriminator.arch", d.arch)):
+        _check(
+            arch == "mlp" or image_data, prefix, arch,
+            "mlp for point data (dcgan needs image data)", source,
+        )
