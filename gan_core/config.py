@@ -350,7 +350,8 @@ def validate(cfg: GanConfig, source: str = "<config>") -> None:
     _check(d.pack >= 1, "discriminator.pack", d.pack, ">= 1", source)
     mb = d.minibatch
     _check(mb.kernels >= 0, "discriminator.minibatch.kernels", mb.kernels, ">= 0 (0 = off)", source)
-    _check(mb.kernel_dims >= 1, "discriminator.minibatch.kernel_dims", mb.kernel_dims, ">= 1", source)
+    _check(mb.kernel_dims >= 1, "discriminator.minibatch.kernel_dims", mb.kernel_dims, ">= 1",
+           source)
     for prefix, opt in (("g_optim", cfg.g_optim), ("d_optim", cfg.d_optim)):
         _one_of(f"{prefix}.name", opt.name, OPTIMIZERS, source)
         _check(opt.lr > 0, f"{prefix}.lr", opt.lr, "> 0", source)
