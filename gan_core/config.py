@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -182,41 +182,93 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def _resolve_source(preset_or_path: str) -> Path:
+def _resolve_source(
+    preset_or_path: str, key: str = "--config", source: str = "<config argument>"
+) -> Path:
+    """Find the YAML file for a preset name or path; ``key``/``source`` say who asked for it."""
+    presets = f"a preset: {', '.join(preset_names())}"
     path = Path(preset_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
-            raise ConfigError("--config", preset_or_path, "an existing YAML file", str(path))
+            raise ConfigError(key, preset_or_path, f"an existing YAML file or {presets}", source)
         return path
     candidate = PRESET_DIR / f"{preset_or_path}.yaml"
     if not candidate.is_file():
-        raise ConfigError(
-            "--config", preset_or_path, f"a YAML path or a preset: {', '.join(preset_names())}"
-        )
+        raise ConfigError(key, preset_or_path, f"a YAML path or {presets}", source)
     return candidate
+
+
+_ABSENT = object()
 
 
 def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
-        key = str(getattr(exc, "full_key", None) or "?")
-        value = _bad_value(exc)
-        if "not in struct" in str(exc) and isinstance(other, DictConfig):
-            value = OmegaConf.select(other, key, default=value)
+        # OmegaConf's message shows the value only as text, and for an unknown key its ``key``
+        # attribute is the key itself, so the bad value is read back from what was merged.
+        plain = other
+        if OmegaConf.is_config(other):
+            plain = OmegaConf.to_container(other, resolve=False)
+        key = str(getattr(exc, "full_key", None) or "")
+        if not key:
+            # A scalar given for a whole section ("generators=3") fails without a key.
+            mismatch = _section_mismatch(plain, GanConfig, "")
+            if mismatch is not None:
+                key, section = mismatch
+                value = _lookup(plain, key)
+                allowed = "a mapping of " + ", ".join(f.name for f in dataclasses.fields(section))
+                raise ConfigError(key, value, allowed, source) from None
+            key = "?"
+        value = _lookup(plain, key)
+        if value is _ABSENT:
+            value = _bad_value(exc)
         raise ConfigError(key, value, _allowed_for(key, exc), source) from None
 
 
+def _lookup(node: Any, key: str) -> Any:
+    """The value at dotted ``key`` in nested dicts (whose own keys may contain dots), or _ABSENT."""
+    if not isinstance(node, dict):
+        return _ABSENT
+    parts = key.split(".")
+    for cut in range(len(parts), 0, -1):
+        head = ".".join(parts[:cut])
+        if head in node:
+            return node[head] if cut == len(parts) else _lookup(node[head], ".".join(parts[cut:]))
+    return _ABSENT
+
+
+def _section_mismatch(node: Any, schema: type, prefix: str) -> tuple[str, type] | None:
+    """The first key in ``node`` holding a non-mapping where ``schema`` has a nested section."""
+    if not isinstance(node, dict):
+        return None
+    defaults = schema()
+    for name, value in node.items():
+        section = type(getattr(defaults, str(name), None))
+        if not dataclasses.is_dataclass(section):
+            continue
+        if not isinstance(value, dict):
+            return f"{prefix}{name}", section
+        found = _section_mismatch(value, section, f"{prefix}{name}.")
+        if found is not None:
+            return found
+    return None
+
+
 def _bad_value(exc: OmegaConfBaseException) -> Any:
+    """Fallback when the value cannot be read back: the one OmegaConf quotes, else its message."""
     msg = str(exc).splitlines()[0]
     # OmegaConf messages look like "Value 'abc' of type 'str' could not be converted to Integer".
     if msg.startswith("Value '"):
         return msg.split("'")[1]
-    return getattr(exc, "key", None) or msg
+    return msg
 
 
 def _allowed_for(key: str, exc: OmegaConfBaseException) -> str:
-    if "not in struct" in str(exc) or "Key '" in str(exc):
+    if isinstance(exc, ConfigKeyError):
+        section = getattr(exc, "object_type", None)
+        if dataclasses.is_dataclass(section):
+            return "known keys: " + ", ".join(f.name for f in dataclasses.fields(section))
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         return "known keys: " + ", ".join(_known_keys(parent))
     typ = _field_type(key)
@@ -267,7 +319,10 @@ def _load_file(source: Path, schema: DictConfig, seen: tuple[Path, ...]) -> Dict
     base = from_file.pop("base", None)
     if base is not None:
         relative = source.parent / str(base)
-        base_path = relative if relative.is_file() else _resolve_source(str(base))
+        if relative.is_file():
+            base_path = relative
+        else:
+            base_path = _resolve_source(str(base), "base", str(source))
         schema = _load_file(base_path, schema, seen + (source.resolve(),))
     return _merge(schema, from_file, str(source))
 
@@ -280,17 +335,35 @@ def load_config(preset_or_path: str = "ring8", overrides: list[str] | None = Non
     if overrides:
         merged = _merge(merged, parse_overrides(overrides), "overrides")
         where = f"{source} + overrides"
-    cfg: GanConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    cfg = _to_object(merged, where)
     validate(cfg, where)
     return cfg
 
 
 def from_dict(data: dict[str, Any], source: str = "<dict>") -> GanConfig:
     """Build and validate a GanConfig from a plain (possibly nested or dotted) dict."""
-    merged = _merge(OmegaConf.structured(GanConfig), OmegaConf.create(data), source)
-    cfg: GanConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    nested = OmegaConf.create()
+    for key, value in data.items():
+        # update() splits "a.b" into nested keys, so flatten() output and Tune samples load too.
+        OmegaConf.update(nested, str(key), value, merge=True)
+    merged = _merge(OmegaConf.structured(GanConfig), nested, source)
+    cfg = _to_object(merged, source)
     validate(cfg, source)
     return cfg
+
+
+def _to_object(merged: DictConfig, source: str) -> GanConfig:
+    """Instantiate the dataclasses; an interpolation such as ``${foo}`` only fails here."""
+    try:
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        key = str(getattr(exc, "full_key", None) or "?")
+        # Read unresolved: the value to report is the interpolation text itself.
+        value = _lookup(OmegaConf.to_container(merged, resolve=False), key)
+        if value is _ABSENT:
+            value = _bad_value(exc)
+        allowed = f"a value that resolves ({str(exc).splitlines()[0]})"
+        raise ConfigError(key, value, allowed, source) from None
 
 
 def to_dict(cfg: GanConfig) -> dict[str, Any]:
