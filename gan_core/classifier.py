@@ -27,7 +27,7 @@ from gan_core.data import load_digits
 RECIPE = {
     "version": 1,
     "seed": 0,
-    "epochs": 20,
+    "epochs": 30,
     "batch_size": 64,
     "lr": 1e-3,
     "weight_decay": 1e-4,
@@ -38,17 +38,17 @@ class DigitClassifier(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
+        # Two conv + pool stages are plenty for 8x8 inputs and keep scoring 78,000 channels (26,000
+        # stacked samples) to about a second on one CPU core.
         self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(32, 64, 3, padding=1),
+            nn.Conv2d(1, 16, 3, padding=1),
             nn.ReLU(),
             nn.MaxPool2d(2),
-            nn.Conv2d(64, 64, 3, padding=1),
+            nn.Conv2d(16, 32, 3, padding=1),
             nn.ReLU(),
             nn.MaxPool2d(2),
             nn.Flatten(),
-            nn.Linear(64 * 2 * 2, 64),
+            nn.Linear(32 * 2 * 2, 64),
             nn.ReLU(),
         )
         self.head = nn.Linear(64, 10)

@@ -271,6 +271,7 @@ def train_step(
         with torch.no_grad():
             fake = G(sample_noise(model, batch, rng, device)).reshape(batch, *model.data_shape)
         d_loss, d_logs = discriminator_loss(cfg, D, real, fake, fake_generator, rng)
+        d_logs = {k: v.detach() for k, v in d_logs.items()}
         model.d_opt.zero_grad(set_to_none=True)
         d_loss.backward()
         model.d_opt.step()
@@ -328,5 +329,5 @@ def train_step(
     update_ema(model)
     model.step += 1
     metrics = {"d_loss": d_loss.item(), "g_loss": g_loss.item()}
-    metrics.update({k: float(v) for k, v in {**d_logs, **logs}.items()})
+    metrics.update({k: v.item() for k, v in {**d_logs, **logs}.items()})
     return metrics

@@ -1,0 +1,216 @@
+"""Where a run's files live: a local folder (default ``./runs``) or ``s3://bucket/prefix``.
+
+``open_storage`` turns a ``StorageConfig`` into one pyarrow filesystem plus a root inside it, and
+checks at open time that the place is usable, so a wrong bucket or endpoint fails before any Ray
+worker starts. The same filesystem object is handed to Ray (``ray_storage_args``), which pickles
+it to its workers: endpoint and credentials travel with it instead of depending on environment
+variables that must be set before ``ray.init()``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
+
+import pyarrow.fs as pafs
+
+from gan_core.config import StorageConfig
+
+SECRET_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_PASSWORD",
+)
+
+ALLOWED_FORMS = "a local folder path (e.g. ./runs or /data/runs) or s3://bucket[/prefix]"
+
+# Short enough that a dead endpoint fails the open in seconds, long enough for a busy server.
+# request_timeout bounds one socket read, not a whole transfer, so big uploads are unaffected.
+CONNECT_TIMEOUT_S = 3.0
+REQUEST_TIMEOUT_S = 30.0
+
+# Legacy us-east-1 buckets may hold capitals and underscores, so this is looser than today's
+# naming rules; it only has to catch typos such as an empty name or a stray ':'.
+_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9]")
+
+
+class StorageError(RuntimeError):
+    """Storage that cannot be used: malformed URI, missing bucket, unreachable endpoint, ...
+
+    The message is redacted here, once, because it may quote a URI, an endpoint or a client
+    library's error text, any of which can carry a credential.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(message))
+
+
+def redact(text: str) -> str:
+    """``text`` with the values of the secret variables in ``os.environ`` replaced by ``***``."""
+    # Very short values would blank out ordinary words, so they are left alone.
+    secrets = [os.environ.get(name, "") for name in SECRET_ENV]
+    for secret in sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+@dataclass
+class Storage:
+    """A root folder in a pyarrow filesystem; every ``relpath`` is relative to that root."""
+
+    uri: str  # absolute local path, or s3://bucket/prefix without a trailing slash
+    filesystem: pafs.FileSystem
+    root: str  # the root as a path inside ``filesystem``: absolute path, or "bucket/prefix"
+    is_s3: bool
+
+    def run_uri(self, name: str) -> str:
+        return f"{self.uri}/{name}"
+
+    def _relative(self, relpath: str, file: bool = False) -> str:
+        parts = PurePosixPath(relpath.replace("\\", "/")).parts
+        if relpath.startswith(("/", "\\")) or ".." in parts or (file and not parts):
+            raise StorageError(f"{relpath!r} is not a relative path inside {self.uri}")
+        return "/".join(parts)
+
+    def _path(self, relpath: str) -> str:
+        rel = self._relative(relpath)
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def write_bytes(self, relpath: str, data: bytes) -> str:
+        """Write one file and return its full URI; a local file is replaced atomically."""
+        rel = self._relative(relpath, file=True)
+        path = f"{self.root}/{rel}"
+        if self.is_s3:
+            # An S3 PUT is atomic already: readers see the old object or the new one.
+            with self.filesystem.open_output_stream(path) as out:
+                out.write(data)
+        else:
+            target = Path(path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    out.write(data)
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        return f"{self.uri}/{rel}"
+
+    def read_bytes(self, relpath: str) -> bytes:
+        # open_input_file does ranged reads; open_input_stream is very slow against some servers.
+        with self.filesystem.open_input_file(self._path(relpath)) as src:
+            return src.read()
+
+    def exists(self, relpath: str) -> bool:
+        """True for a file or a folder (on S3: a prefix holding at least one object)."""
+        return self.filesystem.get_file_info(self._path(relpath)).type != pafs.FileType.NotFound
+
+    def list(self, relpath: str = "") -> list[str]:
+        """Files below ``relpath``, recursively, as sorted paths relative to ``relpath``."""
+        base = self._path(relpath)
+        selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
+        infos = self.filesystem.get_file_info(selector)
+        return sorted(
+            info.path[len(base) + 1:] for info in infos if info.type == pafs.FileType.File
+        )
+
+
+def _parse_s3(uri: str) -> tuple[str, str]:
+    """``(bucket, prefix)`` of an ``s3://`` URI, prefix without leading/trailing slashes."""
+    rest = uri[len("s3://"):]
+    bucket, _, prefix = rest.partition("/")
+    if not _BUCKET.fullmatch(bucket):
+        raise StorageError(
+            f"storage URI {uri!r} has no valid bucket name (3-63 letters, digits, '.', '-'); "
+            f"allowed: {ALLOWED_FORMS}"
+        )
+    prefix = "/".join(part for part in prefix.split("/") if part)
+    if ".." in prefix.split("/"):
+        raise StorageError(f"storage URI {uri!r} contains '..'; allowed: {ALLOWED_FORMS}")
+    return bucket, prefix
+
+
+def _endpoint(cfg: StorageConfig) -> tuple[str, str] | None:
+    """``(host[:port], scheme)`` of the configured or environment endpoint; None for AWS."""
+    endpoint = (
+        cfg.endpoint
+        or os.environ.get("AWS_ENDPOINT_URL_S3", "")
+        or os.environ.get("AWS_ENDPOINT_URL", "")
+    ).strip()
+    if not endpoint:
+        return None
+    parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path.strip("/"):
+        raise StorageError(
+            f"S3 endpoint {endpoint!r} is malformed; allowed: http(s)://host[:port]"
+        )
+    return parts.netloc, parts.scheme
+
+
+def _open_s3(cfg: StorageConfig, uri: str) -> Storage:
+    bucket, prefix = _parse_s3(uri)
+    uri = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+    endpoint = _endpoint(cfg)
+    options: dict = {
+        "region": cfg.region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        "request_timeout": REQUEST_TIMEOUT_S,
+    }
+    if endpoint is not None:
+        options["endpoint_override"], options["scheme"] = endpoint
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if key and secret:
+        # Explicit keys are pickled with the filesystem, so Ray's workers and controller use them
+        # wherever they run; without them each process walks AWS's default credential chain.
+        options.update(access_key=key, secret_key=secret,
+                       session_token=os.environ.get("AWS_SESSION_TOKEN") or None)
+    where = f"{uri} (endpoint {endpoint[1]}://{endpoint[0]})" if endpoint else uri
+    try:
+        filesystem = pafs.S3FileSystem(**options)
+        kind = filesystem.get_file_info(bucket).type
+    except (OSError, ValueError) as exc:
+        raise StorageError(f"cannot reach storage {where}: {exc}") from None
+    if kind == pafs.FileType.NotFound:
+        raise StorageError(f"storage {where}: bucket {bucket!r} does not exist; create it first")
+    root = f"{bucket}/{prefix}" if prefix else bucket
+    return Storage(uri=uri, filesystem=filesystem, root=root, is_s3=True)
+
+
+def _open_local(uri: str) -> Storage:
+    path = Path(uri).expanduser().resolve()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        # os.access says yes to root even on a read-only mount; writing a probe does not lie.
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise StorageError(f"storage folder {str(path)!r} is not writable: {exc}") from None
+    return Storage(uri=str(path), filesystem=pafs.LocalFileSystem(), root=str(path), is_s3=False)
+
+
+def open_storage(cfg: StorageConfig) -> Storage:
+    """Open and check the storage named by ``cfg.uri``; problems raise StorageError."""
+    uri = cfg.uri.strip()
+    if uri.startswith("s3://"):
+        return _open_s3(cfg, uri)
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]+):", uri)
+    # "s3:/x" or "gs://x" would otherwise become odd local folder names; a Windows drive
+    # letter ("C:") is one character and does not match.
+    if not uri or scheme:
+        raise StorageError(f"storage URI {uri!r} is not supported; allowed: {ALLOWED_FORMS}")
+    return _open_local(uri)
+
+
+def ray_storage_args(storage: Storage) -> dict:
+    """Keyword arguments for ``ray.train.RunConfig`` that put the run under ``storage``."""
+    if storage.is_s3:
+        # With a filesystem given, Ray wants the path inside it: "bucket/prefix", no "s3://".
+        return {"storage_path": storage.root, "storage_filesystem": storage.filesystem}
+    return {"storage_path": storage.root}

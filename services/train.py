@@ -1,0 +1,225 @@
+"""The GAN training job: ``python -m services.train --config PRESET_OR_YAML [key=value ...]``.
+
+Validates the config and the storage before anything starts (a ConfigError or StorageError
+exits with status 2 and no Ray worker ever runs), then runs Ray Train's ``TorchTrainer`` with
+the config's scaling, failure and checkpoint settings. Runs standalone (starts a local Ray on
+127.0.0.1 when none is reachable) and under ``ray job submit --working-dir . -- python -m
+services.train ...`` (connects to the job's cluster). ``resources.backend=local`` runs the same
+worker code in this process without Ray: for debugging and as the overhead baseline.
+
+Rerunning the same ``name`` on the same storage resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from gan_core.config import ConfigError, GanConfig, load_config, preset_names, to_dict
+from gan_core.loop import LoopHooks
+from services.checkpoints import CheckpointError
+from services.storage import StorageError, open_storage, ray_storage_args, redact
+from services.worker import TRACKING_FILE, WorkerSession, train_loop_per_worker
+
+log = logging.getLogger("raygan")
+LOCAL_CKPT_DIR = "local_checkpoints"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m services.train", description="Train a GAN with Ray Train (DDP)."
+    )
+    parser.add_argument(
+        "--config", default="ring8", help=f"preset ({', '.join(preset_names())}) or YAML path"
+    )
+    parser.add_argument("--summary-json", default="", help="write the final summary here")
+    parser.add_argument(
+        "--address", default=None, help="Ray address (default: RAY_ADDRESS, else start a local Ray)"
+    )
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("--quiet", action="store_true", help="only the final summary")
+    verbosity.add_argument("--verbose", action="store_true", help="keep Ray's own logs")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return parser.parse_args(argv)
+
+
+def _init_ray(address: str | None, verbose: bool) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    level = logging.INFO if verbose else logging.WARNING
+    if address:
+        ray.init(address=address, logging_level=level, log_to_driver=True)
+    else:
+        # A private local cluster on loopback; the dashboard stays on (Tune needs it, PLATFORM.md).
+        ray.init(
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            logging_level=level,
+            configure_logging=True,
+            log_to_driver=True,
+        )
+
+
+def run_with_ray(cfg: GanConfig, args: argparse.Namespace) -> dict[str, Any]:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage = open_storage(cfg.storage)
+    _init_ray(args.address, args.verbose)
+    r, c = cfg.resources, cfg.checkpoint
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"gan": to_dict(cfg), "quiet": args.quiet},
+        scaling_config=ScalingConfig(
+            num_workers=r.num_workers,
+            use_gpu=r.use_gpu,
+            resources_per_worker={"CPU": r.cpus_per_worker} | ({"GPU": 1} if r.use_gpu else {}),
+        ),
+        run_config=RunConfig(
+            name=cfg.name,
+            failure_config=FailureConfig(max_failures=r.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=c.keep,
+                checkpoint_score_attribute=c.metric,
+                checkpoint_score_order=c.mode,
+            ),
+            **ray_storage_args(storage),
+        ),
+    )
+    started = time.perf_counter()
+    result = trainer.fit()
+    wall = time.perf_counter() - started
+    mlflow_run_id = None
+    checkpoint_uri = None
+    if result.checkpoint is not None:
+        checkpoint_uri = result.checkpoint.path
+        with result.checkpoint.as_directory() as folder:
+            tracking = Path(folder) / TRACKING_FILE
+            if tracking.is_file():
+                mlflow_run_id = json.loads(tracking.read_text()).get("run_id")
+    metrics = dict(result.metrics or {})
+    return _summary(cfg, storage.run_uri(cfg.name), metrics, wall, mlflow_run_id, checkpoint_uri)
+
+
+def run_local(cfg: GanConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """The worker loop in this process: no Ray, no DDP; same outputs, checkpoints and resume."""
+    session = WorkerSession(cfg, rank=0, world_size=1, device="cpu", quiet=args.quiet)
+    storage = session.storage
+    prefix = f"{cfg.name}/{LOCAL_CKPT_DIR}"
+    saved = sorted({p.split("/")[0] for p in storage.list(prefix)})
+    if saved:
+        with tempfile.TemporaryDirectory() as tmp:
+            for rel in storage.list(f"{prefix}/{saved[-1]}"):
+                (Path(tmp) / Path(rel).name).write_bytes(
+                    storage.read_bytes(f"{prefix}/{saved[-1]}/{rel}")
+                )
+            session.restore(tmp)
+        print(f"[raygan] resumed {cfg.name} at step {session.start_step}", flush=True)
+    session.start_tracking()
+    last: dict[str, float] = {}
+    checkpoint_uri = None
+
+    def on_eval(run: Any, metrics: dict[str, float]) -> None:
+        nonlocal last, checkpoint_uri
+        last = session.eval_payload(metrics)
+        session.write_outputs(last)
+        if session.checkpoint_due():
+            with tempfile.TemporaryDirectory() as tmp:
+                session.write_checkpoint(tmp, last)
+                folder = f"{prefix}/step_{run.model.step:07d}"
+                for path in sorted(Path(tmp).iterdir()):
+                    storage.write_bytes(f"{folder}/{path.name}", path.read_bytes())
+                checkpoint_uri = storage.run_uri(folder)
+
+    started = time.perf_counter()
+    try:
+        session.run.run(LoopHooks(on_eval=on_eval))
+    except BaseException:
+        session.finish("FAILED")
+        raise
+    session.finish("FINISHED")
+    wall = time.perf_counter() - started
+    if not last and session.run.history:
+        last = session.run.history[-1]
+    return _summary(
+        cfg, storage.run_uri(cfg.name), last, wall, session.mlflow_run_id, checkpoint_uri
+    )
+
+
+def _summary(
+    cfg: GanConfig,
+    run_uri: str,
+    metrics: dict[str, Any],
+    wall: float,
+    mlflow_run_id: str | None,
+    checkpoint_uri: str | None,
+) -> dict[str, Any]:
+    from services.tracking import default_tracking_uri
+
+    tracking_uri = cfg.tracking.uri or default_tracking_uri(cfg.storage.uri)
+    return {
+        "name": cfg.name,
+        "backend": cfg.resources.backend,
+        "num_workers": cfg.resources.num_workers if cfg.resources.backend == "ray" else 1,
+        "steps": int(metrics.get("step", 0)),
+        "wall_seconds": round(wall, 3),
+        "steps_per_s": metrics.get("steps_per_s"),
+        "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
+        "storage_uri": run_uri,
+        "samples_uri": f"{run_uri}/samples",
+        "checkpoint_uri": checkpoint_uri,
+        "mlflow_run_id": mlflow_run_id if cfg.tracking.enabled else None,
+        "mlflow_tracking_uri": redact(tracking_uri) if cfg.tracking.enabled else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        open_storage(cfg.storage)  # refuse a bad bucket or endpoint before any worker starts
+    except (ConfigError, StorageError) as exc:
+        print(f"raygan: {redact(str(exc))}", file=sys.stderr)
+        return 2
+    try:
+        summary = (
+            run_with_ray(cfg, args) if cfg.resources.backend == "ray" else run_local(cfg, args)
+        )
+    except CheckpointError as exc:
+        print(f"raygan: cannot resume: {redact(str(exc))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"raygan: interrupted; rerun the same command to resume {cfg.name}", file=sys.stderr)
+        return 130
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(summary, indent=2))
+    m = summary["metrics"]
+    coverage = " ".join(
+        f"{k}={m[k]:.4g}" for k in ("modes", "hq_pct", "reverse_kl", "kl") if k in m
+    )
+    print(f"[raygan] done: {summary['steps']} steps in {summary['wall_seconds']:.1f} s; {coverage}")
+    mlflow_part = (
+        f" | mlflow: {summary['mlflow_tracking_uri']} run {summary['mlflow_run_id']}"
+        if summary["mlflow_run_id"]
+        else ""
+    )
+    print(
+        f"[raygan] checkpoints: {summary['checkpoint_uri']} | samples: {summary['samples_uri']}"
+        f"{mlflow_part}",
+        flush=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""``train_loop_per_worker``: the gan_core loop inside one Ray Train worker.
+
+Each worker builds the same ``GanRun`` (identical initial weights, its own data and noise
+streams = its shard), wraps G, D and MRGAN's encoder separately in DDP, restores from the last
+registered checkpoint when Ray hands one back, and reports at every evaluation. Every rank
+calls ``ray.train.report`` the same number of times; only rank 0 attaches a checkpoint, writes
+images and talks to MLflow. Loss metrics are averaged over ranks so every rank reports the
+same numbers; coverage metrics are computed from the (identical) generator on every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from gan_core.config import GanConfig, from_dict
+from gan_core.loop import GanRun, LoopHooks, format_eval
+from services.checkpoints import load_checkpoint, save_checkpoint
+from services.storage import Storage, open_storage
+
+log = logging.getLogger("raygan")
+TRACKING_FILE = "tracking.json"
+# Metrics that differ per rank (each rank trains on its own shard) and are averaged for reports.
+_RANK_LOCAL = (
+    "d_loss",
+    "g_loss",
+    "g_adv",
+    "d_real",
+    "d_fake",
+    "penalty",
+    "diversity",
+    "mode_reg",
+    "steps_per_s",
+)
+
+
+def _all_reduce_mean(metrics: dict[str, float], world_size: int) -> dict[str, float]:
+    if world_size == 1 or not dist.is_initialized():
+        return metrics
+    keys = [k for k in _RANK_LOCAL if k in metrics]
+    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(values)
+    out = dict(metrics)
+    out.update({k: float(v) / world_size for k, v in zip(keys, values, strict=True)})
+    return out
+
+
+class WorkerSession:
+    """The per-worker glue between GanRun and Ray Train; Ray-free parts are usable locally."""
+
+    def __init__(
+        self, cfg: GanConfig, rank: int, world_size: int, device: str, quiet: bool = False
+    ) -> None:
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.quiet = quiet
+        self.run = GanRun(cfg, rank=rank, world_size=world_size, device=device)
+        self.storage: Storage = open_storage(cfg.storage)
+        self.tracker: Any = None
+        self.mlflow_run_id: str | None = None
+        self.started = time.perf_counter()
+        self.start_step = 0
+
+    # -- restore -------------------------------------------------------------------------------
+    def restore(self, folder: str | Path) -> None:
+        state = load_checkpoint(folder, self.cfg)
+        self.run.load_state_dict(state)
+        self.start_step = self.run.model.step
+        tracking = Path(folder) / TRACKING_FILE
+        if tracking.is_file():
+            self.mlflow_run_id = json.loads(tracking.read_text()).get("run_id")
+
+    def start_tracking(self) -> None:
+        if self.rank != 0 or not self.cfg.tracking.enabled:
+            return
+        from services.tracking import Tracker
+
+        self.tracker = Tracker(
+            self.cfg,
+            self.storage.run_uri(self.cfg.name),
+            run_id=self.mlflow_run_id,
+            tracking_uri=self.cfg.tracking.uri or None,
+        )
+        self.mlflow_run_id = self.tracker.run_id
+
+    # -- per evaluation ------------------------------------------------------------------------
+    def eval_payload(self, metrics: dict[str, float]) -> dict[str, float]:
+        metrics = _all_reduce_mean(metrics, self.world_size)
+        step = self.run.model.step
+        elapsed = time.perf_counter() - self.started
+        done = step - self.start_step
+        metrics["eta_s"] = (self.cfg.train.steps - step) * elapsed / max(done, 1)
+        metrics["step"] = step
+        return metrics
+
+    def write_outputs(self, metrics: dict[str, float]) -> None:
+        """Rank 0: the sample picture to the run's storage, metrics and picture to MLflow."""
+        if self.rank != 0:
+            return
+        step = self.run.model.step
+        if not self.quiet:
+            print("[raygan] " + format_eval(step, self.cfg.train.steps, metrics), flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            tag = f"step_{step:07d}"
+            (image,) = self.run.save_images(tmp, tag)
+            self.storage.write_bytes(f"{self.cfg.name}/samples/{tag}.png", image.read_bytes())
+            if self.tracker is not None:
+                self.tracker.log_metrics(metrics, step)
+                self.tracker.log_image(image)
+
+    def checkpoint_due(self) -> bool:
+        step = self.run.model.step
+        return step % self.cfg.checkpoint.every == 0 or step >= self.cfg.train.steps
+
+    def write_checkpoint(self, folder: str | Path, metrics: dict[str, float]) -> None:
+        save_checkpoint(folder, self.run.state_dict(), self.cfg, metrics)
+        (Path(folder) / TRACKING_FILE).write_text(json.dumps({"run_id": self.mlflow_run_id}))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.tracker is not None:
+            self.tracker.finish(status)
+
+
+def _wrap_for_ddp(session: WorkerSession) -> None:
+    import ray.train.torch
+
+    model = session.run.model
+    if session.world_size > 1 and session.cfg.resources.use_gpu:
+        # SyncBatchNorm needs GPU tensors; on CPU each worker's BN uses its own shard's statistics.
+        model.generator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.generator)
+    model.wrap(lambda m: ray.train.torch.prepare_model(m, move_to_device=True))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Entry point Ray Train runs on every worker; ``config`` = {"gan": GanConfig as a dict}."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    cfg = from_dict(config["gan"], source="worker")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = str(ray.train.torch.get_device()) if cfg.resources.use_gpu else "cpu"
+    session = WorkerSession(cfg, rank, world, device, quiet=bool(config.get("quiet")))
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            session.restore(folder)
+        if rank == 0:
+            print(f"[raygan] resumed {cfg.name} at step {session.start_step}", flush=True)
+    _wrap_for_ddp(session)
+    session.start_tracking()
+    fail_at = int(os.environ.get("RAYGAN_FAIL_AT_STEP", "0"))
+
+    def on_step(run: GanRun, metrics: dict[str, float]) -> None:
+        _maybe_inject_fault(run.model.step, fail_at, rank)
+
+    def on_eval(run: GanRun, metrics: dict[str, float]) -> None:
+        payload = session.eval_payload(metrics)
+        session.write_outputs(payload)
+        if session.checkpoint_due() and rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                session.write_checkpoint(tmp, payload)
+                ray.train.report(payload, checkpoint=Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(payload, checkpoint=None)
+
+    try:
+        session.run.run(LoopHooks(on_step=on_step, on_eval=on_eval))
+    except BaseException:
+        session.finish("FAILED")
+        raise
+    session.finish("FINISHED")
+
+
+def _maybe_inject_fault(step: int, fail_at: int, rank: int) -> None:
+    """Test hook: RAYGAN_FAIL_AT_STEP=N makes the last rank fail once at step N.
+
+    A marker file under RAYGAN_FAULT_DIR makes it fire once per run, so the restarted worker
+    group (which resumes from the last checkpoint) gets past the step. RAYGAN_FAULT_KIND=exit
+    kills the process hard instead of raising.
+    """
+    if not fail_at or step != fail_at:
+        return
+    marker = Path(os.environ.get("RAYGAN_FAULT_DIR", tempfile.gettempdir())) / f"fault_{fail_at}"
+    if rank != int(os.environ.get("RAYGAN_FAULT_RANK", "0")) or marker.exists():
+        return
+    marker.write_text("fired")
+    if os.environ.get("RAYGAN_FAULT_KIND") == "exit":
+        os._exit(1)
+    raise RuntimeError(f"injected fault at step {step} (RAYGAN_FAIL_AT_STEP)")
