@@ -11,15 +11,12 @@ can go straight into JSON, Ray reports and MLflow.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
-import scipy.linalg
 import torch
 from torch import Tensor
 
 from gan_core import data
-from gan_core.classifier import DigitClassifier, get_classifier
+from gan_core.classifier import DigitClassifier, get_classifier, single_thread
 
 # Data names evaluate_samples understands, with the per-sample shape each expects.
 SAMPLE_SHAPES: dict[str, tuple[int, ...]] = {
@@ -30,8 +27,8 @@ SAMPLE_SHAPES: dict[str, tuple[int, ...]] = {
 }
 DATA_NAMES = tuple(SAMPLE_SHAPES)
 
-# Enough to amortise per-call overhead, small enough to keep activations to a few hundred MB.
-_BATCH = 4096
+# Measured fastest for the 8x8 CNN on one CPU thread; larger chunks spill out of cache.
+_BATCH = 1024
 
 
 def mixture_metrics(
@@ -44,8 +41,9 @@ def mixture_metrics(
     every sample to its nearest mean: sum_m p(m) log(p(m) * M). Non-finite samples have no
     nearest mean: they count as not HQ and are left out of the reverse KL (NaN if none is finite).
     """
-    points = _numpy(samples).reshape(len(samples), -1)
-    means = _numpy(centers).reshape(-1, points.shape[1])
+    means = _numpy(centers)
+    means = means.reshape(len(means), -1)
+    points = _numpy(samples).reshape(-1, means.shape[1])
     finite = np.isfinite(points).all(axis=1)
     dist = np.linalg.norm(points[finite, None, :] - means[None, :, :], axis=2)
     nearest = dist.argmin(axis=1)
@@ -54,7 +52,7 @@ def mixture_metrics(
     counts = np.bincount(nearest, minlength=num_modes)
     return {
         "modes": float(len(np.unique(nearest[hq]))),
-        "hq_pct": 100.0 * hq.sum() / max(len(points), 1),
+        "hq_pct": float(100.0 * hq.sum() / max(len(points), 1)),
         "reverse_kl": _kl_to_uniform(counts, num_modes),
     }
 
@@ -62,25 +60,20 @@ def mixture_metrics(
 def stacked_digits_metrics(
     samples: Tensor, classifier: DigitClassifier | None = None
 ) -> dict[str, float]:
-    """Distinct label triples among ``(n, 3, 8, 8)`` samples and KL(generated || uniform)."""
-    labels = classify_channels(samples, classifier)
-    mode_ids = data.StackedDigitsDataset.mode_ids(labels).numpy()
-    counts = np.bincount(mode_ids, minlength=data.StackedDigitsDataset.num_modes)
-    return {"modes": float((counts > 0).sum()), "kl": _kl_to_uniform(counts, len(counts))}
+    """Distinct label triples among ``(n, 3, 8, 8)`` samples and KL(generated || uniform over 1000).
+
+    Each channel is labelled by the digit classifier; the triple (l0, l1, l2) is the mode.
+    """
+    _check_shape("samples", samples, "stacked_digits")
+    model = _model(classifier)
+    return _mode_metrics(_labels(_channel_features(samples, model), model))
 
 
 def digits_metrics(samples: Tensor, classifier: DigitClassifier | None = None) -> dict[str, float]:
     """Distinct digit classes among ``(n, 1, 8, 8)`` samples and KL(generated || uniform)."""
-    counts = np.bincount(classify_channels(samples, classifier).numpy().ravel(), minlength=10)
-    return {"modes": float((counts > 0).sum()), "kl": _kl_to_uniform(counts, 10)}
-
-
-def classify_channels(samples: Tensor, classifier: DigitClassifier | None = None) -> Tensor:
-    """The digit label of every channel of ``(n, C, 8, 8)`` images, as ``(n, C)`` int64."""
-    model = get_classifier() if classifier is None else classifier
-    images = _as_tensor(samples)
-    logits = _batched(model, images.reshape(-1, 1, *images.shape[2:]))
-    return logits.argmax(dim=1).reshape(images.shape[0], images.shape[1])
+    _check_shape("samples", samples, "digits")
+    model = _model(classifier)
+    return _mode_metrics(_labels(_channel_features(samples, model), model))
 
 
 def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
@@ -92,14 +85,25 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
     cov_a = np.atleast_2d(np.cov(a, rowvar=False))
     cov_b = np.atleast_2d(np.cov(b, rowvar=False))
-    covmean = scipy.linalg.sqrtm(cov_a @ cov_b)
-    if not np.isfinite(covmean).all():
-        # A singular product (e.g. a collapsed generator's constant features) has no finite
-        # square root; a tiny ridge makes it computable without changing the value noticeably.
-        ridge = 1e-6 * np.eye(len(cov_a))
-        covmean = scipy.linalg.sqrtm((cov_a + ridge) @ (cov_b + ridge))
     diff = mu_a - mu_b
-    return float(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean.real))
+    trace_sqrt = _trace_sqrt_product(cov_a, cov_b)
+    distance = diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_sqrt
+    # Identical sets can come out a hair below 0 from rounding; the distance itself never is.
+    return max(float(distance), 0.0)
+
+
+def _trace_sqrt_product(cov_a: np.ndarray, cov_b: np.ndarray) -> float:
+    """Tr sqrt(S_a S_b), from the eigenvalues of the symmetric sqrt(S_a) S_b sqrt(S_a).
+
+    Both matrices have the same eigenvalues, so this equals the real part of
+    Tr(scipy.linalg.sqrtm(S_a S_b)). Classifier features often have a singular covariance (and a
+    collapsed generator always does); there sqrtm of the non-symmetric product warned and took
+    seconds, while symmetric eigendecompositions stay fast and accurate.
+    """
+    eig_a, vec_a = np.linalg.eigh(cov_a)
+    root_a = (vec_a * np.sqrt(eig_a.clip(min=0))) @ vec_a.T
+    eig = np.linalg.eigvalsh(root_a @ cov_b @ root_a)
+    return float(np.sqrt(eig.clip(min=0)).sum())
 
 
 def image_frechet_distance(
@@ -110,8 +114,8 @@ def image_frechet_distance(
     Each channel is embedded on its own and the per-channel features are concatenated, so for
     stacked digits the distance also sees how the three digits co-occur.
     """
-    model = get_classifier() if classifier is None else classifier
-    return frechet_distance(_channel_features(real, model), _channel_features(fake, model))
+    model = _model(classifier)
+    return _feature_distance(_channel_features(real, model), _channel_features(fake, model))
 
 
 def evaluate_samples(
@@ -127,15 +131,14 @@ def evaluate_samples(
     if data_name in ("ring8", "grid25"):
         mixture = data.ring8() if data_name == "ring8" else data.grid25()
         return mixture_metrics(samples, mixture.centers, mixture.std)
-    fake = _as_tensor(samples)
-    model = get_classifier()
-    if data_name == "stacked_digits":
-        metrics = stacked_digits_metrics(fake, model)
-    else:
-        metrics = digits_metrics(fake, model)
     if real is not None:
         _check_shape("real", real, data_name)
-        metrics["fd"] = image_frechet_distance(_as_tensor(real), fake, model)
+    model = get_classifier()
+    # The generated samples' features serve both the mode labels and the distance: embed once.
+    fake_feats = _channel_features(samples, model)
+    metrics = _mode_metrics(_labels(fake_feats, model))
+    if real is not None:
+        metrics["fd"] = _feature_distance(_channel_features(real, model), fake_feats)
     return metrics
 
 
@@ -157,20 +160,40 @@ def _kl_to_uniform(counts: np.ndarray, num_modes: int) -> float:
     return float(np.sum(p * np.log(p * num_modes)))
 
 
-def _channel_features(images: Tensor, model: DigitClassifier) -> np.ndarray:
+def _model(classifier: DigitClassifier | None) -> DigitClassifier:
+    return get_classifier() if classifier is None else classifier
+
+
+def _channel_features(images: Tensor | np.ndarray, model: DigitClassifier) -> Tensor:
+    """Penultimate features of every channel of ``(n, C, H, W)`` images, as ``(n, C, k)``."""
     images = _as_tensor(images)
     n, channels = images.shape[:2]
-    feats = _batched(model.features, images.reshape(n * channels, 1, *images.shape[2:]))
-    return feats.reshape(n, -1).numpy()
+    flat = images.reshape(n * channels, 1, *images.shape[2:])
+    with torch.inference_mode(), single_thread():
+        feats = torch.cat([model.features(chunk) for chunk in flat.split(_BATCH)])
+    return feats.reshape(n, channels, -1)
 
 
-def _batched(fn: Callable[[Tensor], Tensor], images: Tensor) -> Tensor:
+def _labels(feats: Tensor, model: DigitClassifier) -> Tensor:
     with torch.inference_mode():
-        return torch.cat([fn(chunk) for chunk in images.split(_BATCH)])
+        return model.head(feats).argmax(dim=-1)
+
+
+def _mode_metrics(labels: Tensor) -> dict[str, float]:
+    """Modes and KL to uniform when each of the C channel labels (0..9) is one base-10 digit."""
+    channels = labels.shape[1]
+    num_modes = 10**channels
+    powers = 10 ** torch.arange(channels - 1, -1, -1)
+    counts = np.bincount((labels * powers).sum(dim=1).numpy(), minlength=num_modes)
+    return {"modes": float((counts > 0).sum()), "kl": _kl_to_uniform(counts, num_modes)}
+
+
+def _feature_distance(real_feats: Tensor, fake_feats: Tensor) -> float:
+    return frechet_distance(real_feats.flatten(1).numpy(), fake_feats.flatten(1).numpy())
 
 
 def _as_tensor(values: Tensor | np.ndarray) -> Tensor:
-    # The classifier lives on the CPU: scoring 26,000 8x8 images there takes about a second.
+    # The classifier lives on the CPU: scoring 26,000 8x8 images there takes about two seconds.
     return torch.as_tensor(values).detach().to("cpu", torch.float32)
 
 

@@ -5,9 +5,9 @@ MLflow through its own ``mlflow.MlflowClient`` (no fluent ``mlflow.start_run`` s
 runs, e.g. Tune trials, can live in one process.
 
 Failure policy: tracking must never stop training. When MLflow cannot be reached, metrics, tags
-and artifacts are buffered (metrics in a bounded buffer), ONE warning says what is waiting, and
-delivery is retried on a later call (at most once every ``retry_interval_s``, because a single
-attempt against a dead server can block for MLflow's whole HTTP retry budget, see
+and artifacts are buffered (metrics in a bounded buffer), ONE warning per outage says what is
+waiting, and delivery is retried on a later call (at most once every ``retry_interval_s``,
+because a single attempt against a dead server can block for MLflow's whole HTTP retry budget, see
 ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``MLFLOW_HTTP_REQUEST_TIMEOUT``); ``flush()`` retries at
 once. This includes the start: a Tracker built while the server is down does not raise; it
 creates (or resumes) the run on the first later call that reaches the server, so ``run_id`` is

@@ -71,7 +71,13 @@ def _init_ray(address: str | None, verbose: bool) -> None:
 
 
 def run_with_ray(cfg: GanConfig, args: argparse.Namespace) -> dict[str, Any]:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchTrainer
 
     storage = open_storage(cfg.storage)
@@ -87,7 +93,12 @@ def run_with_ray(cfg: GanConfig, args: argparse.Namespace) -> dict[str, Any]:
         ),
         run_config=RunConfig(
             name=cfg.name,
+            logging_config=LoggingConfig(log_level="INFO" if args.verbose else "WARNING"),
             failure_config=FailureConfig(max_failures=r.max_failures),
+            # raygan's own switches (e.g. fault injection in tests) reach the workers; credentials
+            # are deliberately not forwarded here (the job API would show them to its readers).
+            worker_runtime_env={"env_vars": {k: v for k, v in os.environ.items()
+                                             if k.startswith("RAYGAN_")}},
             checkpoint_config=CheckpointConfig(
                 num_to_keep=c.keep,
                 checkpoint_score_attribute=c.metric,

@@ -121,11 +121,15 @@ class WorkerSession:
 
     def write_checkpoint(self, folder: str | Path, metrics: dict[str, float]) -> None:
         save_checkpoint(folder, self.run.state_dict(), self.cfg, metrics)
+        if self.tracker is not None and self.tracker.run_id:
+            # Read now, not at start: a tracker that found MLflow down creates its run later.
+            self.mlflow_run_id = self.tracker.run_id
         (Path(folder) / TRACKING_FILE).write_text(json.dumps({"run_id": self.mlflow_run_id}))
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.tracker is not None:
             self.tracker.finish(status)
+            self.mlflow_run_id = self.tracker.run_id or self.mlflow_run_id
 
 
 def _wrap_for_ddp(session: WorkerSession) -> None:

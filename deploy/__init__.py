@@ -1,0 +1,1 @@
+"""Ways to run raygan beyond one Python process: a local stack, clusters."""

@@ -1,0 +1,488 @@
+"""The local full stack in one command: a Ray head, an S3 endpoint and an MLflow server.
+
+    python -m deploy.local.stack up      [--dir .stack] [--s3-port 9000] [--mlflow-port 5000] ...
+    python -m deploy.local.stack status  [--dir .stack]
+    python -m deploy.local.stack down    [--dir .stack]
+
+``up`` starts three background processes, each in its own process group, with logs and a state
+file (PIDs, ports) under ``--dir``; it waits until each answers, creates the bucket, then prints
+the environment to export and a ready ``ray job submit`` line. ``down`` stops exactly the
+process groups it recorded (SIGTERM, then SIGKILL after ``--timeout``). It does not run
+``ray stop``: that kills every Ray process of the user on the machine, including clusters this
+stack did not start (other checkouts, tests). The Ray head runs as ``ray start --block``, which
+shuts its own processes down on SIGTERM, so its process group is all of it.
+
+Everything listens on 127.0.0.1 except two Ray components that Ray binds to all interfaces (the
+GCS and the raylet; Ray registers the node under the machine's address even when asked for
+127.0.0.1). Ray's token authentication stays on: the token is ``$HOME/.ray/auth_token`` (created
+here if missing, like ``ray get-auth-token --generate``), and ``ray job`` needs
+``RAY_AUTH_MODE=token``. ``RAY_TMPDIR``, if set, is passed to Ray (keep it short: Ray's socket
+paths under it must stay below 108 bytes).
+
+The S3 endpoint is moto: in memory, any credentials accepted, gone after ``down``. It is for
+development and tests; production points the same code at AWS S3, MinIO or Ceph.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HOST = "127.0.0.1"
+STATE_FILE = "stack.json"
+# The dev stack's S3 credentials: moto accepts any, and MLflow proxies artifacts for clients.
+DUMMY_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+              "AWS_DEFAULT_REGION": "us-east-1"}
+# Ray's worker processes take ports 10002-19999 by default; a fixed port in there can collide.
+RAY_WORKER_PORTS = range(10002, 20000)
+
+
+class StackError(RuntimeError):
+    """A stack command that cannot go on; the message says why and what to do."""
+
+
+@dataclass
+class Ports:
+    s3: int = 9000
+    mlflow: int = 5000
+    dashboard: int = 8265
+    gcs: int = 0  # 0 = a free port
+    ray_client: int = 0
+    dashboard_agent: int = 0
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (the kernel's ephemeral range, above Ray's ports)."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return True
+    return False
+
+
+def _bin(name: str) -> str:
+    """An executable of this Python's environment (moto_server, mlflow, ray), else from PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise StackError(f"`{name}` not found beside {sys.executable} or on PATH; "
+                         "install the dev extras: pip install -e '.[dev]'")
+    return found
+
+
+def ray_token() -> str:
+    """Ray's auth token the way Ray finds it: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if not path.is_file():
+        # What `ray get-auth-token --generate` writes, without starting Ray's CLI (seconds).
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_hex(32))
+    return path.read_text().strip()
+
+
+# Processes -------------------------------------------------------------------------------------
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields 3.. of /proc/PID/stat (state, ppid, pgrp, ...), or None if there is no such pid."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[1].split()  # the command name (field 2) may hold spaces
+
+
+def _start_time(pid: int) -> str | None:
+    """Field 22 of /proc/PID/stat: with the pid, it names one process for its whole life."""
+    stat = _proc_stat(pid)
+    return stat[19] if stat else None
+
+
+def _has_proc() -> bool:
+    return Path("/proc/self/stat").exists()
+
+
+def _is_ours(pid: int, start: str | None) -> bool:
+    """Whether the process we started as ``pid`` still runs (and its pid was not reused)."""
+    if _has_proc():
+        stat = _proc_stat(pid)
+        return stat is not None and stat[0] not in "ZX" and (start is None or stat[19] == start)
+    try:  # no /proc (macOS): a liveness probe without the reuse check
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any live (non-zombie) process is left in process group ``pgid``."""
+    if not _has_proc():
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = _proc_stat(int(entry.name))
+            if stat is not None and stat[2] == str(pgid) and stat[0] not in "ZX":
+                return True
+    return False
+
+
+def _spawn(name: str, cmd: list[str], env: dict[str, str], logs: Path) -> dict[str, Any]:
+    log = logs / f"{name}.log"
+    with log.open("ab") as out:
+        # Its own session: `down` can signal the whole group, and a Ctrl-C in the terminal
+        # that ran `up` does not reach the services.
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    return {"pid": proc.pid, "start": _start_time(proc.pid), "cmd": cmd, "log": str(log)}
+
+
+def _stop(entry: dict[str, Any], timeout: float) -> str:
+    """Stop the recorded process group within ``timeout`` seconds; says what happened.
+
+    SIGTERM goes to the leader first: `ray start --block` then drains and stops its own
+    processes in order (signalling them all at once left it waiting on a dead GCS). Whatever is
+    left after half the timeout gets SIGTERM, and SIGKILL at the end.
+    """
+    pid = entry["pid"]
+    if not _is_ours(pid, entry.get("start")):
+        stat = _proc_stat(pid)
+        if stat is not None and stat[0] not in "ZX":
+            # The pid now names another process, so our group, which had the same id, is gone.
+            return "not running (its pid is reused)"
+        if not _group_alive(pid):
+            return "not running"
+    else:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    if _wait_group(pid, timeout / 2):
+        return "stopped"
+    _signal_group(pid, signal.SIGTERM)
+    if _wait_group(pid, timeout / 2):
+        return "stopped (after SIGTERM to its whole group)"
+    _signal_group(pid, signal.SIGKILL)
+    _wait_group(pid, 5.0)
+    return f"killed (still running {timeout:.0f} s after SIGTERM)"
+
+
+def _wait_group(pgid: int, seconds: float) -> bool:
+    """Wait until process group ``pgid`` is empty; False if it is not after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        _reap(pgid)
+        if not _group_alive(pgid):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status if ``pid`` is our own child (when `up` ran in this process)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def _tail(path: str, lines: int = 25) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+# Health ----------------------------------------------------------------------------------------
+
+def _http_status(url: str, headers: dict[str, str] | None = None) -> int | None:
+    """The HTTP status ``url`` answers with, or None when nothing answers."""
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=3) as reply:
+            return reply.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (OSError, ValueError):
+        return None
+
+
+def _healthy(name: str, state: dict[str, Any]) -> bool:
+    ports = state["ports"]
+    if name == "s3":
+        return _http_status(f"http://{HOST}:{ports['s3']}/") == 200
+    if name == "mlflow":
+        return _http_status(f"http://{HOST}:{ports['mlflow']}/health") == 200
+    # The job API itself, authenticated: what `ray job submit` needs, not just a live socket.
+    headers = {"Authorization": f"Bearer {ray_token()}"}
+    return _http_status(f"http://{HOST}:{ports['dashboard']}/api/jobs/", headers) == 200
+
+
+def _create_bucket(endpoint: str, bucket: str) -> None:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=DUMMY_KEYS[
+        "AWS_ACCESS_KEY_ID"], aws_secret_access_key=DUMMY_KEYS["AWS_SECRET_ACCESS_KEY"],
+        region_name=DUMMY_KEYS["AWS_DEFAULT_REGION"])
+    existing = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
+    if bucket not in existing:
+        s3.create_bucket(Bucket=bucket)
+
+
+# Commands --------------------------------------------------------------------------------------
+
+def _load_state(stack_dir: Path) -> dict[str, Any] | None:
+    path = stack_dir / STATE_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def _commands(
+    ports: Ports, bucket: str, stack_dir: Path, num_cpus: int
+) -> tuple[dict[str, list[str]], dict[str, dict[str, str]]]:
+    s3_url = f"http://{HOST}:{ports.s3}"
+    db = (stack_dir / "mlflow.db").resolve()
+    commands = {
+        "s3": [_bin("moto_server"), "-H", HOST, "-p", str(ports.s3)],
+        "mlflow": [
+            _bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{db}",
+            "--artifacts-destination", f"s3://{bucket}/mlflow", "--serve-artifacts",
+            "--host", HOST, "--port", str(ports.mlflow), "--workers", "1",
+        ],
+        "ray": [
+            _bin("ray"), "start", "--head", "--block", f"--node-ip-address={HOST}",
+            f"--port={ports.gcs}", f"--num-cpus={num_cpus}", "--include-dashboard=true",
+            f"--dashboard-host={HOST}", f"--dashboard-port={ports.dashboard}",
+            f"--ray-client-server-port={ports.ray_client}",
+            f"--dashboard-agent-listen-port={ports.dashboard_agent}", "--disable-usage-stats",
+        ],
+    }
+    base = {**os.environ, "AWS_EC2_METADATA_DISABLED": "true"}
+    envs = {
+        "s3": base,
+        # Without MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false the server starts ~10 processes.
+        "mlflow": {**base, **DUMMY_KEYS, "MLFLOW_S3_ENDPOINT_URL": s3_url,
+                   "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        # On SIGTERM the head waits up to this long for running work to drain (default 30 s),
+        # which is for Serve traffic, not for a local training stack being stopped.
+        "ray": {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "5", **base, "RAY_AUTH_MODE": "token"},
+    }
+    return commands, envs
+
+
+def client_env(state: dict[str, Any]) -> dict[str, str]:
+    """What a shell needs to use the stack: S3 storage, MLflow, and the `ray job` CLI."""
+    ports = state["ports"]
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{HOST}:{ports['s3']}",
+        **DUMMY_KEYS,
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "MLFLOW_TRACKING_URI": f"http://{HOST}:{ports['mlflow']}",
+        "RAY_ADDRESS": f"http://{HOST}:{ports['dashboard']}",
+        "RAY_AUTH_MODE": "token",
+    }
+    if state.get("ray_tmpdir"):
+        env["RAY_TMPDIR"] = state["ray_tmpdir"]
+    return env
+
+
+def submit_line(state: dict[str, Any], preset: str = "ring8") -> str:
+    """A `ray job submit` of a training run storing to the stack's bucket and MLflow."""
+    env = client_env(state)
+    job_env = {k: v for k, v in env.items() if not k.startswith("RAY_")}
+    runtime_env = json.dumps({"env_vars": job_env})
+    return (
+        f"ray job submit --working-dir . --runtime-env-json {shlex.quote(runtime_env)} "
+        f"-- python -m services.train --config {preset} storage.uri=s3://{state['bucket']}/runs"
+    )
+
+
+def up(stack_dir: Path, ports: Ports, bucket: str = "raygan", num_cpus: int = 2,
+       timeout: float = 120.0) -> dict[str, Any]:
+    """Start the three services, wait until each answers, create the bucket; returns the state."""
+    state = _load_state(stack_dir)
+    if state and any(_is_ours(p["pid"], p.get("start")) for p in state["processes"].values()):
+        raise StackError(f"a stack recorded in {stack_dir / STATE_FILE} is still running: run "
+                         f"`python -m deploy.local.stack down --dir {stack_dir}` first")
+    ports = Ports(**vars(ports))
+    for field in ("gcs", "ray_client", "dashboard_agent"):
+        if getattr(ports, field) == 0:
+            setattr(ports, field, free_port())
+    for flag, port in (("--s3-port", ports.s3), ("--mlflow-port", ports.mlflow),
+                       ("--dashboard-port", ports.dashboard), ("--ray-port", ports.gcs)):
+        if _port_in_use(port):
+            raise StackError(f"port {port} ({flag}) is already in use on {HOST}; pick another")
+        if flag == "--ray-port" and port in RAY_WORKER_PORTS:
+            raise StackError(f"--ray-port {port} is inside Ray's worker port range "
+                             f"{RAY_WORKER_PORTS.start}-{RAY_WORKER_PORTS.stop - 1}")
+
+    logs = stack_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    # Keeps the stack's database and logs out of git and out of `ray job submit --working-dir .`.
+    (stack_dir / ".gitignore").write_text("*\n")
+    ray_token()  # before Ray starts: with RAY_AUTH_MODE=token it refuses to start without one
+    state = {"ports": vars(ports), "bucket": bucket, "processes": {},
+             "ray_tmpdir": os.environ.get("RAY_TMPDIR", "")}
+    commands, envs = _commands(ports, bucket, stack_dir, num_cpus)
+    try:
+        for name, cmd in commands.items():
+            state["processes"][name] = _spawn(name, cmd, envs[name], logs)
+            # Written after each start: a failure halfway still leaves `down` what to stop.
+            (stack_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
+        _wait_healthy(state, bucket, timeout)
+    except BaseException:
+        for entry in reversed(state["processes"].values()):
+            _stop(entry, timeout=10)
+        raise
+    return state
+
+
+def _wait_healthy(state: dict[str, Any], bucket: str, timeout: float) -> None:
+    waiting = list(state["processes"])
+    deadline = time.monotonic() + timeout
+    while waiting:
+        for name in list(waiting):
+            entry = state["processes"][name]
+            if _healthy(name, state):
+                if name == "s3":
+                    _create_bucket(f"http://{HOST}:{state['ports']['s3']}", bucket)
+                waiting.remove(name)
+            elif not _is_ours(entry["pid"], entry.get("start")):
+                raise StackError(f"{name} exited during start-up; end of {entry['log']}:\n"
+                                 f"{_tail(entry['log'])}")
+        if waiting and time.monotonic() > deadline:
+            name = waiting[0]
+            log = state["processes"][name]["log"]
+            raise StackError(f"{', '.join(waiting)} not answering after {timeout:.0f} s; "
+                             f"end of {log}:\n{_tail(log)}")
+        if waiting:
+            time.sleep(0.3)
+
+
+def down(stack_dir: Path, timeout: float = 30.0) -> dict[str, str]:
+    """Stop every recorded process group (MLflow first: it writes to S3); name -> outcome."""
+    state = _load_state(stack_dir)
+    if state is None:
+        return {}
+    outcome = {name: _stop(entry, timeout)
+               for name, entry in reversed(list(state["processes"].items()))}
+    (stack_dir / STATE_FILE).unlink()
+    return outcome
+
+
+def status(stack_dir: Path) -> dict[str, dict[str, Any]]:
+    """name -> pid, whether it runs, whether it answers, its log."""
+    state = _load_state(stack_dir)
+    if state is None:
+        return {}
+    return {
+        name: {"pid": entry["pid"], "running": _is_ours(entry["pid"], entry.get("start")),
+               "healthy": _healthy(name, state), "log": entry["log"]}
+        for name, entry in state["processes"].items()
+    }
+
+
+def _print_ready(state: dict[str, Any], stack_dir: Path) -> None:
+    ports = state["ports"]
+    print(f"stack up (state and logs in {stack_dir}/):")
+    print(f"  S3      http://{HOST}:{ports['s3']}  bucket {state['bucket']} (moto, in memory)")
+    print(f"  MLflow  http://{HOST}:{ports['mlflow']}")
+    print(f"  Ray     http://{HOST}:{ports['dashboard']}  (dashboard; GCS port {ports['gcs']})")
+    print("\n# the environment for this shell:")
+    for key, value in client_env(state).items():
+        print(f"export {key}={shlex.quote(value)}")
+    print("\n# `ray job` reads the token from ~/.ray/auth_token because RAY_AUTH_MODE=token;")
+    print("# REST calls need: -H \"Authorization: Bearer $(cat ~/.ray/auth_token)\"")
+    print("ray job list")
+    print(submit_line(state))
+    print(f"\n# stop: python -m deploy.local.stack down --dir {stack_dir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deploy.local.stack", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=("up", "down", "status"))
+    parser.add_argument("--dir", type=Path, default=Path(".stack"),
+                        help="where PIDs, logs and the MLflow database live (default .stack)")
+    parser.add_argument("--s3-port", type=int, default=9000)
+    parser.add_argument("--mlflow-port", type=int, default=5000)
+    parser.add_argument("--dashboard-port", type=int, default=8265)
+    parser.add_argument("--ray-port", type=int, default=0, help="Ray GCS port (0 = a free one)")
+    parser.add_argument("--num-cpus", type=int, default=2)
+    parser.add_argument("--bucket", default="raygan")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds: up waits this long for health (120), down before SIGKILL "
+                             "(30)")
+    args = parser.parse_args(argv)
+    stack_dir: Path = args.dir.resolve()
+    try:
+        if args.command == "up":
+            ports = Ports(s3=args.s3_port, mlflow=args.mlflow_port,
+                          dashboard=args.dashboard_port, gcs=args.ray_port)
+            state = up(stack_dir, ports, args.bucket, args.num_cpus, args.timeout or 120.0)
+            _print_ready(state, stack_dir)
+            return 0
+        if args.command == "down":
+            outcome = down(stack_dir, args.timeout or 30.0)
+            if not outcome:
+                print(f"no stack recorded in {stack_dir}")
+            for name, what in outcome.items():
+                print(f"{name:7s} {what}")
+            return 0
+        rows = status(stack_dir)
+        if not rows:
+            print(f"no stack recorded in {stack_dir}")
+            return 1
+        for name, row in rows.items():
+            state_word = "healthy" if row["healthy"] else "running" if row["running"] else "down"
+            print(f"{name:7s} pid {row['pid']:<8d} {state_word:8s} log {row['log']}")
+        return 0 if all(row["healthy"] for row in rows.values()) else 1
+    except StackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""The single-process loop: determinism, bit-identical resume, per-rank streams, the evaluation
+schedule and hooks, sample generation, images, the progress text and the CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+
+from gan_core import data, loop
+from gan_core.config import GanConfig, load_config
+from gan_core.loop import GanRun, LoopHooks, coverage_table, format_eval, main
+from gan_core.metrics import mixture_metrics
+
+TINY = [
+    "generators.width=16",
+    "generators.depth=2",
+    "discriminator.width=16",
+    "discriminator.depth=2",
+    "discriminator.maxout_pieces=1",
+    "train.batch_size=8",
+    "eval.samples=200",
+    "eval.grid=16",
+]
+# Timings are the only values two identical runs may disagree on.
+TIMING = ("steps_per_s", "eval_seconds")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny(preset: str = "ring8", *overrides: str) -> GanConfig:
+    return load_config(preset, [*TINY, *overrides])
+
+
+def weights(run: GanRun) -> list[torch.Tensor]:
+    model = run.model
+    nets = [model.generator, model.discriminator] + ([model.ema] if model.ema else [])
+    return [t.detach().clone() for net in nets for t in [*net.parameters(), *net.buffers()]]
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def untimed(history: list[dict[str, float]]) -> list[dict[str, float]]:
+    return [{k: v for k, v in h.items() if k not in TIMING} for h in history]
+
+
+def checkpoint_round_trip(state: dict) -> dict:
+    """What the service does with a checkpoint: save, then load with weights_only=True."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_same_seed_same_run_other_seed_other_run():
+    cfg = tiny()
+    first, second = GanRun(cfg), GanRun(cfg)
+    metrics_a = [first.train_step() for _ in range(3)]
+    metrics_b = [second.train_step() for _ in range(3)]
+    assert metrics_a == metrics_b
+    assert same(weights(first), weights(second))
+    other = GanRun(tiny("ring8", "seed=1"))
+    assert [other.train_step() for _ in range(3)] != metrics_a
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("train.ema=0.9", "train.lr_schedule=cosine", "train.steps=4"),
+        ("objective.name=wgan-gp", "objective.n_critic=2"),
+    ],
+)
+def test_resume_is_bit_identical(extra):
+    cfg = tiny("ring8", *extra)
+    straight = GanRun(cfg)
+    metrics = [straight.train_step() for _ in range(4)]
+
+    first_half = GanRun(cfg)
+    for _ in range(2):
+        first_half.train_step()
+    state = checkpoint_round_trip(first_half.state_dict())
+    next_global_draw = torch.rand(3)
+    resumed = GanRun(cfg)
+    torch.manual_seed(12345)  # building the run re-seeded: move the global stream elsewhere
+    resumed.load_state_dict(state)
+    assert resumed.model.step == 2
+    # torch's global stream is restored too, for anything outside the derived streams.
+    assert torch.equal(torch.rand(3), next_global_draw)
+    assert [resumed.train_step() for _ in range(2)] == metrics[2:]
+    assert same(weights(resumed), weights(straight))
+    for opt in ("g_opt", "d_opt"):
+        a = getattr(resumed.model, opt).state_dict()["state"]
+        b = getattr(straight.model, opt).state_dict()["state"]
+        assert all(torch.equal(a[i]["exp_avg_sq"], b[i]["exp_avg_sq"]) for i in b)
+
+
+def test_resume_through_run_keeps_the_history():
+    cfg = tiny("ring8", "train.steps=4", "eval.every=2")
+    straight = GanRun(cfg)
+    straight.run()
+    interrupted = GanRun(cfg)
+    interrupted.run(LoopHooks(should_stop=lambda r: r.model.step >= 2))
+    assert [h["step"] for h in interrupted.history] == [2]
+    # The history holds evaluation metrics: they must survive a weights_only load.
+    state = checkpoint_round_trip(interrupted.state_dict())
+    resumed = GanRun(cfg)
+    resumed.load_state_dict(state)
+    resumed.run()
+    assert untimed(resumed.history) == untimed(straight.history)
+    assert same(weights(resumed), weights(straight))
+
+
+def record_reals(run: GanRun) -> list[torch.Tensor]:
+    seen: list[torch.Tensor] = []
+    draw = run.next_real
+
+    def next_real() -> torch.Tensor:
+        seen.append(draw())
+        return seen[-1]
+
+    run.next_real = next_real
+    return seen
+
+
+def test_ranks_share_weights_but_not_data_or_noise(monkeypatch):
+    noise: list[torch.Tensor] = []
+    step = loop.train_step
+
+    def spy(model, next_real, rng, device):
+        twin = torch.Generator()
+        twin.set_state(rng.get_state())
+        noise.append(torch.randn(4, generator=twin))
+        return step(model, next_real, rng, device)
+
+    monkeypatch.setattr(loop, "train_step", spy)
+    cfg = tiny()
+    runs = [GanRun(cfg, rank=0, world_size=2), GanRun(cfg, rank=1, world_size=2), GanRun(cfg)]
+    assert same(weights(runs[0]), weights(runs[1]))
+    reals = [record_reals(r) for r in runs]
+    metrics = [[r.train_step() for _ in range(2)] for r in runs]
+    rank0, rank1, rank0_again = reals
+    assert not torch.equal(rank0[0], rank1[0])
+    assert not torch.equal(rank0[0], rank0[1])  # a new batch every step
+    assert torch.equal(rank0[0], rank0_again[0]) and torch.equal(rank0[1], rank0_again[1])
+    # noise: rank 0 steps 1-2, rank 1 steps 1-2, rank 0 again steps 1-2
+    assert not torch.equal(noise[0], noise[2]) and not torch.equal(noise[0], noise[1])
+    assert torch.equal(noise[0], noise[4]) and torch.equal(noise[1], noise[5])
+    assert metrics[0] == metrics[2] and metrics[0] != metrics[1]
+
+
+def test_run_evaluates_on_schedule_and_calls_hooks():
+    run = GanRun(tiny("ring8", "train.steps=5", "eval.every=2"))
+    steps, evals = [], []
+    hooks = LoopHooks(
+        on_step=lambda r, m: steps.append((r.model.step, m["d_loss"])),
+        on_eval=lambda r, m: evals.append(m),
+    )
+    history = run.run(hooks)
+    assert [h["step"] for h in history] == [2, 4, 5]
+    assert [s for s, _ in steps] == [1, 2, 3, 4, 5]
+    assert evals == history
+    for h in history:
+        assert {"d_loss", "g_loss", "modes", "hq_pct", "reverse_kl", *TIMING} <= set(h)
+        assert h["steps_per_s"] > 0
+    # The step metrics handed to on_step are the same numbers the history keeps.
+    assert history[0]["d_loss"] == steps[1][1]
+
+
+def test_should_stop_stops_and_run_continues_later():
+    run = GanRun(tiny("ring8", "train.steps=5", "eval.every=2"))
+    asked: list[int] = []
+
+    def stop(r: GanRun) -> bool:
+        asked.append(r.model.step)
+        return r.model.step >= 3
+
+    run.run(LoopHooks(should_stop=stop))
+    assert run.model.step == 3 and asked == [0, 1, 2, 3]
+    assert [h["step"] for h in run.history] == [2]
+    run.run()
+    assert run.model.step == 5 and [h["step"] for h in run.history] == [2, 4, 5]
+
+
+def test_evaluate_ring8_scores_the_ema_samples(monkeypatch):
+    scored: list[torch.Tensor] = []
+    score = loop.evaluate_samples
+
+    def spy(name, samples, real=None):
+        scored.append(samples)
+        return score(name, samples, real)
+
+    monkeypatch.setattr(loop, "evaluate_samples", spy)
+    run = GanRun(tiny("ring8", "train.ema=0.5"))
+    run.train_step()
+    metrics = run.evaluate()
+    assert torch.equal(scored[0], run.generate(200))
+    assert not torch.equal(scored[0], run.generate(200, use_ema=False))
+    mixture = data.ring8()
+    expected = mixture_metrics(scored[0], mixture.centers, mixture.std)
+    assert {k: metrics[k] for k in expected} == pytest.approx(expected)
+    assert set(metrics) == {"modes", "hq_pct", "reverse_kl", "eval_seconds"}
+    assert all(type(v) is float for v in metrics.values())
+    assert 0 <= metrics["modes"] <= 8 and 0 <= metrics["hq_pct"] <= 100
+
+
+def test_generate_exactly_n_from_a_fixed_stream():
+    run = GanRun(tiny("ring8", "generators.count=3", "train.batch_size=9"))
+    ten = run.generate(10)
+    assert ten.shape == (10, 2)
+    assert torch.equal(ten, run.generate(10))  # the same z at every evaluation
+    assert torch.equal(ten, run.generate(12)[:10])
+    assert not torch.equal(ten, run.generate(10, seed_offset=1))
+    many = run.generate(5001)  # more than one chunk of 4,998
+    assert many.shape == (5001, 2)
+    assert torch.equal(many[:4998], run.generate(4998))
+
+
+def test_generate_uses_ema_unless_told_not_to():
+    run = GanRun(tiny("ring8", "train.ema=0.9"))
+    run.train_step()
+    assert not torch.equal(run.generate(8), run.generate(8, use_ema=False))
+
+
+@pytest.mark.parametrize(
+    ("preset", "extra"),
+    [
+        ("ring8", ()),
+        ("digits", ("generators.width=8", "discriminator.width=8", "generators.z_dim=8")),
+    ],
+)
+def test_save_images_writes_a_png(tmp_path, preset, extra):
+    run = GanRun(tiny(preset, *extra))
+    paths = run.save_images(tmp_path / "images", "step_1")
+    assert paths == [tmp_path / "images" / "step_1.png"]
+    assert paths[0].read_bytes()[:8] == PNG_MAGIC
+
+
+def test_format_eval_mixture_and_digits_lines():
+    line = format_eval(
+        3,
+        10,
+        {"steps_per_s": 12.34, "d_loss": 0.5, "g_loss": 1.25, "modes": 7.0, "hq_pct": 85.04,
+         "reverse_kl": 0.1234},
+    )
+    assert line == "step 3/10 | 12.3 it/s | d 0.500 | g 1.250 | modes 7 | HQ 85.0% | rKL 0.123"
+    line = format_eval(4, 8, {"modes": 950.0, "kl": 0.25})
+    assert line == "step 4/8 | 0.0 it/s | d nan | g nan | modes 950 | KL 0.250"
+
+
+def test_coverage_table_rows():
+    history = [
+        {"step": 2.0, "modes": 3.0, "hq_pct": 50.0, "reverse_kl": 0.5, "d_loss": 1.0},
+        {"step": 4.0, "modes": 8.0, "hq_pct": 97.25, "reverse_kl": 0.0125, "d_loss": 0.9},
+    ]
+    assert coverage_table(history).splitlines() == [
+        "| step | modes | hq_pct | reverse_kl |",
+        "|---|---|---|---|",
+        "| 2 | 3.000 | 50.000 | 0.500 |",
+        "| 4 | 8.000 | 97.250 | 0.013 |",
+    ]
+    digits = coverage_table([{"step": 1, "modes": 9.0, "kl": 0.1, "fd": 2.5}])
+    assert digits.splitlines()[0] == "| step | modes | kl | fd |"
+    assert digits.splitlines()[2] == "| 1 | 9.000 | 0.100 | 2.500 |"
+
+
+def test_main_trains_and_writes_history(tmp_path, capsys):
+    out = tmp_path / "plain"
+    code = main(
+        ["--config", "ring8", "train.steps=4", "eval.every=2", *TINY, "--out", str(out)]
+    )
+    assert code == 0
+    history = json.loads((out / "history.json").read_text())
+    assert [h["step"] for h in history] == [2, 4]
+    assert (out / "step_0000004.png").read_bytes()[:8] == PNG_MAGIC
+    printed = capsys.readouterr().out
+    assert "step 2/4" in printed and "step 4/4" in printed
+    assert "| step | modes | hq_pct | reverse_kl |" in printed
+
+
+@pytest.mark.parametrize(
+    ("args", "key"),
+    [
+        (["train.batch_size=0"], "train.batch_size"),
+        (["generators.nope=1"], "nope"),
+        (["--config", "no_such_preset"], "--config"),
+    ],
+)
+def test_main_bad_config_returns_2(tmp_path, capsys, args, key):
+    assert main([*args, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("config error:") and key in err
+    assert not (tmp_path / "history.json").exists()
