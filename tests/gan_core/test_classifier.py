@@ -12,19 +12,6 @@ from gan_core.classifier import DigitClassifier, accuracy, get_classifier
 from gan_core.data import load_digits
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # One folder for the whole session, so every test module reuses the classifier trained once.
-    return tmp_path_factory.getbasetemp() / "raygan_cache"
-
-
-@pytest.fixture(scope="session")
-def digit_classifier(cache_dir: Path) -> DigitClassifier:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAYGAN_CACHE", str(cache_dir))
-        yield get_classifier()
-
-
 def test_held_out_accuracy_is_at_least_97_percent(digit_classifier: DigitClassifier) -> None:
     images, labels = load_digits("test")
     assert digit_classifier.test_accuracy >= 0.97

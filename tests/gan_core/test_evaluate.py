@@ -12,18 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from gan_core.classifier import DigitClassifier, get_classifier
 from gan_core.data import load_digits, ring8
 from gan_core.evaluate import main
-
-
-@pytest.fixture(scope="session")
-def digit_classifier(tmp_path_factory: pytest.TempPathFactory) -> DigitClassifier:
-    # The same session folder as test_classifier.py uses: the classifier is trained once.
-    cache_dir = tmp_path_factory.getbasetemp() / "raygan_cache"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAYGAN_CACHE", str(cache_dir))
-        yield get_classifier()
 
 
 def save(path: Path, array: np.ndarray | torch.Tensor) -> str:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from gan_core.classifier import DigitClassifier, get_classifier
+from gan_core.classifier import DigitClassifier
 from gan_core.data import StackedDigitsDataset, grid25, load_digits, ring8
 from gan_core.metrics import (
     digits_metrics,
@@ -21,15 +21,6 @@ from gan_core.metrics import (
 )
 
 RING = ring8()
-
-
-@pytest.fixture(scope="session")
-def digit_classifier(tmp_path_factory: pytest.TempPathFactory) -> DigitClassifier:
-    # The same session folder as test_classifier.py uses: the classifier is trained once.
-    cache_dir = tmp_path_factory.getbasetemp() / "raygan_cache"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAYGAN_CACHE", str(cache_dir))
-        yield get_classifier()
 
 
 def gen(seed: int = 0) -> torch.Generator:

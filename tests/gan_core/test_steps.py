@@ -37,6 +37,16 @@ TINY = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The nets are tiny: a second intra-op thread only adds contention, several-fold slower on a
+    # busy 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny(preset: str = "ring8", *overrides: str) -> GanConfig:
     return load_config(preset, [*TINY, *overrides])
 
@@ -311,6 +321,19 @@ def test_g_phase_leaves_d_untouched(preset, extra):
     assert all(p.requires_grad for p in d.parameters())
     # ...while G did move.
     assert not all_equal(params(model.generator), params(replay.generator))
+
+
+def test_d_is_unfrozen_even_when_the_g_phase_fails(monkeypatch):
+    model = make(tiny())
+
+    def broken(*args, **kwargs):
+        assert not any(p.requires_grad for p in model.discriminator.parameters())
+        raise RuntimeError("G loss failed")
+
+    monkeypatch.setattr(steps, "generator_loss", broken)
+    with pytest.raises(RuntimeError, match="G loss failed"):
+        train_step(model, feeder(real_batches(1)), torch.Generator().manual_seed(0))
+    assert all(p.requires_grad for p in model.discriminator.parameters())
 
 
 def test_n_critic_draws_one_real_batch_per_d_update():

@@ -1,0 +1,24 @@
+"""Session-wide test settings: nothing a test builds or caches lands in the user's home."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    # The digit classifier is cached under RAYGAN_CACHE: one folder per session, so it is
+    # trained once and every module (and every Ray worker started later) reuses it.
+    folder = tmp_path_factory.getbasetemp() / "raygan_cache"
+    saved = os.environ.get("RAYGAN_CACHE")
+    os.environ["RAYGAN_CACHE"] = str(folder)
+    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+    yield folder
+    if saved is None:
+        os.environ.pop("RAYGAN_CACHE", None)
+    else:
+        os.environ["RAYGAN_CACHE"] = saved
