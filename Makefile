@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m gan_core.loop --config ring8
+	$(PY) -m services.train --config ring8_pacgan
 
 test: $(STAMP)
 	$(PY) -m pytest -q
