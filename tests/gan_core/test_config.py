@@ -103,7 +103,7 @@ def test_overrides_apply_with_coerced_types() -> None:
     assert cfg.generators.batch_norm is False
     assert cfg.data.name == "grid25"
     assert cfg.train.ema == 0.99
-    assert cfg.d_optim.lr == 1e-4  # untouched keys keep the preset's value
+    assert cfg.d_optim.lr == 2e-3  # untouched keys keep the preset's value
 
 
 def test_integer_override_of_a_float_key_becomes_float() -> None:
@@ -347,7 +347,7 @@ def test_base_chain_from_user_yaml_to_presets(tmp_path: Path) -> None:
     cfg = load_config(str(path))
     assert cfg.name == "mine"
     assert cfg.train.batch_size == 64
-    assert cfg.train.steps == 5000  # same section, key not named here: from ring8
+    assert cfg.train.steps == 6000  # same section, key not named here: from ring8
     assert cfg.generators.count == 4 and cfg.objective.name == "madgan"
     assert cfg.discriminator.maxout_pieces == 5
 
@@ -440,7 +440,7 @@ def test_flatten_gives_dotted_scalar_keys() -> None:
     assert flat["unroll.steps"] == 5
     assert flat["discriminator.minibatch.kernels"] == 8
     assert flat["discriminator.minibatch.kernel_dims"] == 5
-    assert flat["g_optim.lr"] == 1e-4 and flat["g_optim.beta1"] == 0.8
+    assert flat["g_optim.lr"] == 2e-3 and flat["g_optim.beta1"] == 0.8
     assert flat["tracking.enabled"] is True
     assert all(not isinstance(v, dict) for v in flat.values())
     # Sections themselves are not keys, only their leaves are.

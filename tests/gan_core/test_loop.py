@@ -29,16 +29,6 @@ TIMING = ("steps_per_s", "eval_seconds")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The nets are tiny: a second intra-op thread only adds contention, several-fold slower on a
-    # busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(preset: str = "ring8", *overrides: str) -> GanConfig:
     return load_config(preset, [*TINY, *overrides])
 

@@ -37,16 +37,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The nets are tiny: a second intra-op thread only adds contention, several-fold slower on a
-    # busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(preset: str = "ring8", *overrides: str) -> GanConfig:
     return load_config(preset, [*TINY, *overrides])
 
