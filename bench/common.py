@@ -9,7 +9,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -57,10 +57,21 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_parallel(fn: Callable[..., Any], jobs: list[tuple], workers: int) -> list[Any]:
-    """Run ``fn(*job)`` for every job in ``workers`` spawned processes (one torch thread each)."""
+def run_parallel(fn: Callable[..., Any], jobs: list[tuple], workers: int,
+                 on_result: Callable[[Any], None] | None = None) -> list[Any]:
+    """Run ``fn(*job)`` for every job in ``workers`` spawned processes (one torch thread each);
+    ``on_result`` sees each result as soon as it is done (so long runs can be resumed)."""
+    results = []
     if workers <= 1:
-        return [fn(*job) for job in jobs]
+        for job in jobs:
+            results.append(fn(*job))
+            if on_result is not None:
+                on_result(results[-1])
+        return results
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
         futures = [pool.submit(fn, *job) for job in jobs]
-        return [f.result() for f in futures]
+        for future in as_completed(futures):
+            results.append(future.result())
+            if on_result is not None:
+                on_result(results[-1])
+    return results

@@ -12,10 +12,12 @@ per run, runs spread over ``--jobs`` processes. Writes bench/out/<data>_variants
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
-from bench.common import machine, median, run_parallel, table, write_json
+from bench.common import OUT_DIR, machine, median, run_parallel, table, write_json
 
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "plain GAN": ("", []),
@@ -60,6 +62,14 @@ def train_one(data: str, variant: str, seed: int, steps: int, extra: list[str]) 
     }
 
 
+def _load_done(path: Path, steps: int, overrides: list[str]) -> dict[tuple[str, int], dict]:
+    if not path.is_file():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {(r["variant"], r["seed"]): r for r in rows
+            if r["steps"] == steps and r.get("overrides") == overrides}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="ring8", choices=["ring8", "grid25"])
@@ -74,9 +84,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"budget: {args.steps} G steps, batch 100, seeds {args.seeds}, median over seeds")
     print(f"shared overrides: {' '.join(SHARED + args.set)}")
     print(f"machine: {machine()}", flush=True)
-    jobs = [(args.data, v, s, args.steps, args.set) for v in args.variants for s in args.seeds]
+    # Finished runs are appended to a JSONL file as they complete; a rerun with the same
+    # budget and overrides reuses them instead of training again (an interrupted bench resumes).
+    log_path = OUT_DIR / f"{args.data}_variants.runs.jsonl"
+    done = _load_done(log_path, args.steps, SHARED + args.set)
+    jobs = [(args.data, v, s, args.steps, args.set) for v in args.variants for s in args.seeds
+            if (v, s) not in done]
+    print(f"runs: {len(jobs)} to train, {len(done)} reused from {log_path}", flush=True)
     started = time.perf_counter()
-    results = run_parallel(train_one, jobs, args.jobs)
+
+    def record(result: dict) -> None:
+        result["overrides"] = SHARED + args.set
+        OUT_DIR.mkdir(parents=True, exist_ok=True)
+        with log_path.open("a") as fh:
+            fh.write(json.dumps(result) + "\n")
+        print(f"  {result['variant']} seed {result['seed']}: modes {result['modes']:.0f} "
+              f"HQ {result['hq_pct']:.1f} rKL {result['reverse_kl']:.3f} "
+              f"({result['cpu_seconds']:.0f} CPU s)", flush=True)
+
+    results = run_parallel(train_one, jobs, args.jobs, on_result=record)
+    results += [done[(v, s)] for v in args.variants for s in args.seeds if (v, s) in done]
     rows = []
     for variant in args.variants:
         runs = [r for r in results if r["variant"] == variant]
