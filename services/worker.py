@@ -98,6 +98,10 @@ class WorkerSession:
         done = step - self.start_step
         metrics["eta_s"] = (self.cfg.train.steps - step) * elapsed / max(done, 1)
         metrics["step"] = step
+        # The rates the optimizers really used in the last step (base lr x schedule factor): a
+        # tuned or PBT-mutated rate that never reached the optimizer would show here.
+        metrics["lr_g"] = self.run.model.g_opt.param_groups[0]["lr"]
+        metrics["lr_d"] = self.run.model.d_opt.param_groups[0]["lr"]
         return metrics
 
     def write_outputs(self, metrics: dict[str, float]) -> None:
@@ -143,7 +147,12 @@ def _wrap_for_ddp(session: WorkerSession) -> None:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Entry point Ray Train runs on every worker; ``config`` = {"gan": GanConfig as a dict}."""
+    """Entry point Ray Train runs on every worker; ``config`` = {"gan": GanConfig as a dict}.
+
+    Optional keys, used by Tune trials (tuning.trial): "resume_from", a ``ray.train.Checkpoint``
+    to start from when this Train run has none of its own (Train V2 has no other way in), and
+    "mlflow_run_id", the MLflow run to log into whatever run the checkpoint names.
+    """
     import ray.train
     from ray.train import Checkpoint
 
@@ -152,12 +161,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = str(ray.train.torch.get_device()) if cfg.resources.use_gpu else "cpu"
     session = WorkerSession(cfg, rank, world, device, quiet=bool(config.get("quiet")))
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint() or config.get("resume_from")
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             session.restore(folder)
         if rank == 0:
             print(f"[raygan] resumed {cfg.name} at step {session.start_step}", flush=True)
+    if config.get("mlflow_run_id"):
+        # A PBT exploit hands over another trial's checkpoint, whose tracking.json names that
+        # trial's MLflow run; the caller's own run must win.
+        session.mlflow_run_id = config["mlflow_run_id"]
     _wrap_for_ddp(session)
     session.start_tracking()
     fail_at = int(os.environ.get("RAYGAN_FAIL_AT_STEP", "0"))

@@ -307,7 +307,11 @@ def _commands(
                    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         # On SIGTERM the head waits up to this long for running work to drain (default 30 s),
         # which is for Serve traffic, not for a local training stack being stopped.
-        "ray": {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "5", **base, "RAY_AUTH_MODE": "token"},
+        "ray": {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "5", **base, "RAY_AUTH_MODE": "token",
+                # A job's entrypoint `python` must be the interpreter that has raygan's
+                # dependencies: the one running this stack (e.g. .venv), first on the PATH.
+                "PATH": os.pathsep.join([str(Path(sys.executable).parent),
+                                         os.environ.get("PATH", "")])},
     }
     return commands, envs
 
