@@ -25,10 +25,11 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ["RAYGAN_CACHE"] = saved
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread() -> Iterator[None]:
     # Test nets are tiny: a second intra-op thread only adds contention, several-fold slower on
-    # a busy 2-core machine. Code that needs more threads sets them itself.
+    # a busy 2-core machine. Session-wide, so module fixtures and tests use the same count (a
+    # bit-identical resume needs the same summation order). Code needing more sets its own.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -202,9 +202,9 @@ def test_resume_continues_the_same_run(
     run = client.get_run(first.run_id)
     assert _history(client, first.run_id, "loss") == [(0, 1.0), (1, 0.5), (2, 0.25)]
     assert run.info.status == "FINISHED"
-    assert run.data.params["train.steps"] == "5000"  # MLflow params are immutable
+    assert run.data.params["train.steps"] == "6000"  # MLflow params are immutable
     (warning,) = _tracking_records(caplog, logging.WARNING)
-    assert "train.steps: '5000' -> '9000'" in warning.getMessage()
+    assert "train.steps: '6000' -> '9000'" in warning.getMessage()
     experiment = client.get_experiment_by_name("resume")
     assert len(client.search_runs([experiment.experiment_id])) == 1
 

@@ -1,0 +1,235 @@
+"""Sweeps end to end on real parts: a local Ray on 127.0.0.1, Ray Tune driving Ray Train trials,
+an MLflow SQLite store. Each trial is a Train ``fit()`` (10-15 s of start-up), so three sweeps
+cover it all: ASHA + MLflow + report + best config; an interrupted sweep resumed; PBT."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pytest
+from ray import tune
+
+from gan_core.config import load_config
+from gan_core.steps import lr_factor
+from services import train
+from tuning import report, sweep
+from tuning.plan import SweepPlan, make_plan
+from tuning.runs import PARENT_TAG, SWEEP_TAG, TRIAL_TAG
+
+pytestmark = pytest.mark.integration
+
+TINY = [
+    "generators.width=32", "generators.depth=2", "discriminator.width=32",
+    "discriminator.maxout_pieces=1", "train.batch_size=32", "eval.samples=400",
+    "eval.every=10", "train.steps=30", "train.threads=1",
+]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[None]:
+    """One private Ray for the module, started as the sweep CLI starts it. RAY_TMPDIR and HOME
+    are short fresh folders set BEFORE ray.init, so the raylet and every worker inherit them."""
+    import ray
+
+    root = tempfile.mkdtemp(prefix="rgt")
+    saved = dict(os.environ)
+    os.environ.update({"RAY_TMPDIR": root, "HOME": root})
+    sweep.init_ray(num_cpus=2)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def results(folder: Path) -> dict[str, list[dict[str, Any]]]:
+    """Each Tune trial's reports, read straight from its result.json."""
+    return {
+        trial.parent.name: [json.loads(line) for line in trial.read_text().splitlines()]
+        for trial in sorted(folder.glob("trial_*/result.json"))
+    }
+
+
+def sweep_runs(tracking: str, name: str) -> tuple[Any, list[Any]]:
+    """The sweep's parent MLflow run and its nested children."""
+    client = mlflow.MlflowClient(tracking)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string=f"tags.`{SWEEP_TAG}` = '{name}'")
+    (parent,) = [r for r in runs if PARENT_TAG not in r.data.tags]
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",
+    )
+    return parent, children
+
+
+def test_asha_sweep_stops_hopeless_trials_nests_mlflow_runs_and_reports(
+    ray_cluster: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    space = tmp_path / "lr_unroll.yaml"
+    # A learning rate of 1e30 diverges at once: NaN samples score -1, the lowest score there is.
+    # Grid order puts both such trials last, so each meets recorded finite scores at ASHA's first
+    # rung and must be stopped there.
+    space.write_text("grid:\n  g_optim.lr: [2.0e-3, 1.0e30]\n  unroll.steps: [0, 1]\n")
+    runs, tracking = tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rc = sweep.main(["--space", str(space), "--name", "asha", "--scheduler", "asha",
+                     "--grace-period", "1", "--reduction-factor", "2", "--max-concurrent", "2",
+                     "--quiet", *TINY, f"storage.uri={runs}", f"tracking.uri={tracking}"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    folder = runs / "asha"
+    reports = results(folder)
+    assert len(reports) == 4
+    final = {trial: rows[-1] for trial, rows in reports.items()}
+    diverged = {t for t, r in final.items() if r["config"]["g_optim.lr"] > 1}
+    assert len(diverged) == 2
+    for trial in diverged:
+        assert final[trial]["done"] and final[trial]["step"] == 10  # stopped at the first rung
+        assert final[trial]["score"] == -1.0
+    stopped = {t for t, r in final.items() if r["done"] and r["step"] < 30}
+    assert diverged <= stopped and len(stopped) < 4  # the better of the first two runs on
+
+    parent, children = sweep_runs(tracking, "asha")
+    assert parent.info.status == "FINISHED"
+    client = mlflow.MlflowClient(tracking)
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} == {
+        f"report/{name}" for name in report.REPORT_FILES}
+    assert {c.data.tags[TRIAL_TAG] for c in children} == set(final)
+    for child in children:
+        trial = child.data.tags[TRIAL_TAG]
+        assert child.info.status == "FINISHED", trial  # none left RUNNING by a stopped trial
+        assert child.info.run_name == trial
+        assert child.data.params["unroll.steps"] == str(final[trial]["config"]["unroll.steps"])
+        assert float(child.data.params["g_optim.lr"]) == final[trial]["config"]["g_optim.lr"]
+        assert {"modes", "hq_pct", "d_loss", "g_loss", "lr_g", "step", "score"} <= set(
+            child.data.metrics)
+        assert child.data.tags["raygan.stopped_early"] == str(trial in stopped).lower()
+        assert client.list_artifacts(child.info.run_id, "samples"), f"{trial}: no sample grid"
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "modes")]
+        assert steps == [r["step"] for r in reports[trial]]
+
+    # The report: printed, written beside the sweep, and reproducible by the report CLI.
+    text = (folder / "report.md").read_text()
+    assert text in out and "## Marginal effect of each knob" in text
+    assert all(trial in text for trial in final)
+    assert f"Trials: 4 ({4 - len(stopped)} completed, {len(stopped)} stopped)." in text
+    assert (folder / "coverage_vs_cost.png").read_bytes()[:4] == b"\x89PNG"
+    assert report.main([str(folder)]) == 0
+    assert (folder / "report.md").read_text() == text
+
+    # best.yaml is the best trial's config (by its last score), and trains as it is.
+    best = max(final, key=lambda t: final[t]["score"])
+    plan = SweepPlan.from_json((folder / "sweep.json").read_text())
+    best_cfg = load_config(str(folder / "best.yaml"))
+    assert best_cfg == plan.trial_config({**final[best]["config"], "name": "asha-best"})
+    summary = tmp_path / "best.json"
+    assert train.main(["--config", str(folder / "best.yaml"), "resources.backend=local",
+                       "--quiet", "--summary-json", str(summary)]) == 0
+    assert json.loads(summary.read_text())["steps"] == 30
+
+
+class InterruptOnce(tune.Callback):
+    """Sends the sweep's process SIGUSR1, Tune's "stop and save" signal (as Ctrl+C would), when
+    the first trial completes. Tuner.restore brings callbacks back, hence the marker file."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if not os.path.exists(self.marker):
+            Path(self.marker).write_text(str(trial))
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
+    ray_cluster: None, tmp_path: Path
+) -> None:
+    space = tmp_path / "steps.yaml"
+    # The 60-step trial is still running (with checkpoints) when the 30-step one completes.
+    space.write_text("grid:\n  train.steps: [30, 60]\n")
+    runs, tracking = tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = [*TINY, "checkpoint.every=10", f"storage.uri={runs}", f"tracking.uri={tracking}"]
+    plan, storage = make_plan("resume", str(space), "ring8", overrides, scheduler="fifo",
+                              max_concurrent=2)
+    first = sweep.run_sweep(plan, storage, quiet=True,
+                            callbacks=[InterruptOnce(str(tmp_path / "interrupted"))])
+    assert first.interrupted
+    assert sorted(first.statuses.values()) == ["COMPLETED", "INCOMPLETE"]
+    folder = runs / "resume"
+    done = next(t for t, s in first.statuses.items() if s == "COMPLETED")
+    running = next(t for t, s in first.statuses.items() if s == "INCOMPLETE")
+    done_results = (folder / done / "result.json").read_bytes()
+    parent, children = sweep_runs(tracking, "resume")
+    assert parent.info.status == "KILLED"
+    assert {c.data.tags[TRIAL_TAG]: c.info.status for c in children} == {
+        done: "FINISHED", running: "KILLED"}
+
+    assert sweep.main(["--name", "resume", "--resume", f"storage.uri={runs}", "--quiet"]) == 0
+
+    assert (folder / done / "result.json").read_bytes() == done_results  # not rerun
+    train_runs = sorted(p.name for p in (folder / "runs").iterdir())
+    assert train_runs.count(done) == 1 and not any(r.startswith(f"{done}-") for r in train_runs)
+    # The unfinished trial went on from its last checkpoint in a fresh Train run.
+    assert any(r.startswith(f"{running}-from-") for r in train_runs)
+    steps = [r["step"] for r in results(folder)[running]]
+    assert steps[-1] == 60 and steps.count(10) == 1, steps  # never restarted from scratch
+    parent, children = sweep_runs(tracking, "resume")
+    assert parent.info.status == "FINISHED"
+    assert {c.data.tags[TRIAL_TAG]: c.info.status for c in children} == {
+        done: "FINISHED", running: "FINISHED"}
+    client = mlflow.MlflowClient(tracking)
+    done_child = next(c for c in children if c.data.tags[TRIAL_TAG] == done)
+    assert [m.step for m in client.get_metric_history(done_child.info.run_id, "modes")] == [
+        10, 20, 30]
+
+
+def test_pbt_mutated_learning_rates_reach_the_optimizer(ray_cluster: None, tmp_path: Path) -> None:
+    space = tmp_path / "pbt.yaml"
+    space.write_text("grid:\n  g_optim.lr: [2.0e-3, 5.0e-4]\n"
+                     "mutations:\n  g_optim.lr: {loguniform: [1.0e-4, 1.0e-2]}\n"
+                     "  d_optim.lr: {loguniform: [1.0e-4, 1.0e-2]}\n")
+    runs, tracking = tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # Synchronous PBT decides once both trials reached report 1: the worse one must exploit.
+    plan, storage = make_plan(
+        "pbt", str(space), "ring8",
+        [*TINY, "train.steps=20", f"storage.uri={runs}", f"tracking.uri={tracking}"],
+        scheduler="pbt", max_concurrent=2, perturbation_interval=1, pbt_synch=True,
+    )
+    outcome = sweep.run_sweep(plan, storage, quiet=True)
+    assert not outcome.interrupted
+    folder = runs / "pbt"
+    assert (folder / "pbt_global.txt").read_text().strip(), "PBT never exploited"
+    reports = results(folder)
+    exploited = {t for t, rows in reports.items()
+                 if rows[-1]["config"]["g_optim.lr"] not in (2.0e-3, 5.0e-4)}
+    assert exploited
+    for trial, rows in reports.items():
+        for r in rows:
+            cfg = plan.trial_config(r["config"])
+            # What the optimizer used in the step before the report (ring8's cosine schedule).
+            factor = lr_factor(cfg.train.lr_schedule, r["step"] - 1, cfg.train.steps)
+            assert r["lr_g"] == pytest.approx(cfg.g_optim.lr * factor, rel=1e-9), (trial, r)
+            assert r["lr_d"] == pytest.approx(cfg.d_optim.lr * factor, rel=1e-9), (trial, r)
+            if trial in exploited and r["config"] == rows[-1]["config"]:
+                # Continued from the cloned step-10 checkpoint, not retrained from scratch.
+                assert r["step"] == 20, (trial, r)
+
+    client = mlflow.MlflowClient(tracking)
+    _, children = sweep_runs(tracking, "pbt")
+    assert {c.data.tags[TRIAL_TAG] for c in children} == set(reports)
+    for child in children:
+        trial = child.data.tags[TRIAL_TAG]
+        logged = {(m.step, m.value) for m in client.get_metric_history(child.info.run_id, "lr_g")}
+        # Each trial logs into its own run, also after cloning another trial's checkpoint.
+        assert {(r["step"], r["lr_g"]) for r in reports[trial]} <= logged, trial
+        assert child.info.status == "FINISHED"
