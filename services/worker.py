@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -110,7 +111,10 @@ class WorkerSession:
             return
         step = self.run.model.step
         if not self.quiet:
-            print("[raygan] " + format_eval(step, self.cfg.train.steps, metrics), flush=True)
+            # Not print(): Ray Train patches print into its logger, which echoes every line
+            # twice on the driver's console.
+            sys.stdout.write("[raygan] " + format_eval(step, self.cfg.train.steps, metrics) + "\n")
+            sys.stdout.flush()
         with tempfile.TemporaryDirectory() as tmp:
             tag = f"step_{step:07d}"
             (image,) = self.run.save_images(tmp, tag)
@@ -166,7 +170,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as folder:
             session.restore(folder)
         if rank == 0:
-            print(f"[raygan] resumed {cfg.name} at step {session.start_step}", flush=True)
+            sys.stdout.write(f"[raygan] resumed {cfg.name} at step {session.start_step}\n")
+            sys.stdout.flush()
     if config.get("mlflow_run_id"):
         # A PBT exploit hands over another trial's checkpoint, whose tracking.json names that
         # trial's MLflow run; the caller's own run must win.
