@@ -145,6 +145,42 @@ def _conv_down(
     return layers, channels
 
 
+def _feature_body(
+    role: str,
+    in_shape: tuple[int, ...],
+    arch: str,
+    width: int,
+    depth: int,
+    activation: str,
+    batch_norm: bool,
+    maxout_pieces: int,
+) -> tuple[list[nn.Module], int]:
+    """The feature extractor shared by D and MRGAN's encoder: flattened features and their size.
+
+    MLP: ``depth`` hidden layers (Maxout when ``maxout_pieces > 1``); DCGAN: strided convs down
+    to 4x4, flattened.
+    """
+    if arch == "mlp":
+        layers: list[nn.Module] = [nn.Flatten()]
+        features = math.prod(in_shape)
+        if maxout_pieces > 1:
+            for _ in range(depth):
+                layers.append(Maxout(features, width, maxout_pieces))
+                if batch_norm:
+                    layers.append(nn.BatchNorm1d(width))
+                features = width
+        else:
+            layers += _mlp_hidden(features, width, depth, activation, batch_norm)
+        return layers, width
+    if arch == "dcgan":
+        layers, channels = _conv_down(
+            in_shape[0], width, _dcgan_steps(in_shape), activation, batch_norm
+        )
+        layers.append(nn.Flatten())
+        return layers, channels * 4 * 4
+    raise ValueError(f"{role} arch {arch!r} is unknown; allowed: mlp, dcgan")
+
+
 def _generator_parts(
     out_shape: tuple[int, ...],
     z_dim: int,
@@ -253,26 +289,9 @@ class Discriminator(nn.Module):
         minibatch_kernel_dims: int,
     ) -> None:
         super().__init__()
-        if arch == "mlp":
-            layers: list[nn.Module] = [nn.Flatten()]
-            features = math.prod(in_shape)
-            if maxout_pieces > 1:
-                for _ in range(depth):
-                    layers.append(Maxout(features, width, maxout_pieces))
-                    if batch_norm:
-                        layers.append(nn.BatchNorm1d(width))
-                    features = width
-            else:
-                layers += _mlp_hidden(features, width, depth, activation, batch_norm)
-                features = width
-        elif arch == "dcgan":
-            layers, channels = _conv_down(
-                in_shape[0], width, _dcgan_steps(in_shape), activation, batch_norm
-            )
-            layers.append(nn.Flatten())
-            features = channels * 4 * 4
-        else:
-            raise ValueError(f"discriminator arch {arch!r} is unknown; allowed: mlp, dcgan")
+        layers, features = _feature_body(
+            "discriminator", in_shape, arch, width, depth, activation, batch_norm, maxout_pieces
+        )
         self.body = nn.Sequential(*layers)
         self.minibatch: MinibatchDiscrimination | None = None
         if minibatch_kernels > 0:
@@ -361,20 +380,8 @@ class Encoder(nn.Module):
         activation: str,
     ) -> None:
         super().__init__()
-        if arch == "mlp":
-            layers: list[nn.Module] = [
-                nn.Flatten(),
-                *_mlp_hidden(math.prod(in_shape), width, depth, activation, False),
-            ]
-            features = width
-        elif arch == "dcgan":
-            layers, channels = _conv_down(
-                in_shape[0], width, _dcgan_steps(in_shape), activation, False
-            )
-            layers.append(nn.Flatten())
-            features = channels * 4 * 4
-        else:
-            raise ValueError(f"encoder arch {arch!r} is unknown; allowed: mlp, dcgan")
+        layers, features = _feature_body("encoder", in_shape, arch, width, depth, activation,
+                                         batch_norm=False, maxout_pieces=1)
         self.net = nn.Sequential(*layers, nn.Linear(features, z_dim))
         _dcgan_init(self)
 
