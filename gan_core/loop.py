@@ -163,10 +163,11 @@ class GanRun:
 
 
 def format_eval(step: int, total: int, metrics: dict[str, float]) -> str:
-    """One concise progress line: step, speed, losses and coverage."""
+    """One concise progress line: step, speed, ETA (when known), losses and coverage."""
     parts = [
         f"step {step}/{total}",
         f"{metrics.get('steps_per_s', 0):.1f} it/s",
+        *([f"ETA {metrics['eta_s']:.0f} s"] if "eta_s" in metrics else []),
         f"d {metrics.get('d_loss', float('nan')):.3f}",
         f"g {metrics.get('g_loss', float('nan')):.3f}",
     ]

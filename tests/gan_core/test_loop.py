@@ -248,6 +248,8 @@ def test_format_eval_mixture_and_digits_lines():
     assert line == "step 3/10 | 12.3 it/s | d 0.500 | g 1.250 | modes 7 | HQ 85.0% | rKL 0.123"
     line = format_eval(4, 8, {"modes": 950.0, "kl": 0.25})
     assert line == "step 4/8 | 0.0 it/s | d nan | g nan | modes 950 | KL 0.250"
+    line = format_eval(5, 8, {"steps_per_s": 2.0, "eta_s": 90.4, "d_loss": 1.0, "g_loss": 1.0})
+    assert line == "step 5/8 | 2.0 it/s | ETA 90 s | d 1.000 | g 1.000"
 
 
 def test_coverage_table_rows():
