@@ -21,8 +21,9 @@ def machine() -> dict[str, Any]:
     import torch
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=False).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
     except OSError:
         commit = ""
     return {
@@ -57,8 +58,12 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_parallel(fn: Callable[..., Any], jobs: list[tuple], workers: int,
-                 on_result: Callable[[Any], None] | None = None) -> list[Any]:
+def run_parallel(
+    fn: Callable[..., Any],
+    jobs: list[tuple],
+    workers: int,
+    on_result: Callable[[Any], None] | None = None,
+) -> list[Any]:
     """Run ``fn(*job)`` for every job in ``workers`` spawned processes (one torch thread each);
     ``on_result`` sees each result as soon as it is done (so long runs can be resumed)."""
     results = []

@@ -39,8 +39,9 @@ def plain_step_factory(batch: int = 100):
         layers += [nn.Linear(width_in, 400), nn.BatchNorm1d(400), nn.ReLU()]
         width_in = 400
     G = nn.Sequential(*layers, nn.Linear(400, 2))
-    D = nn.Sequential(_Maxout(2, 200, 5), _Maxout(200, 200, 5), _Maxout(200, 200, 5),
-                      nn.Linear(200, 1))
+    D = nn.Sequential(
+        _Maxout(2, 200, 5), _Maxout(200, 200, 5), _Maxout(200, 200, 5), nn.Linear(200, 1)
+    )
     g_opt = torch.optim.Adam(G.parameters(), lr=1e-4, betas=(0.8, 0.999))
     d_opt = torch.optim.Adam(D.parameters(), lr=1e-4, betas=(0.8, 0.999))
     angles = torch.arange(8) * 2 * math.pi / 8
@@ -106,8 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"plain PyTorch: {result['plain_steps_per_s']:.1f} steps/s (median of {args.rounds})")
     print(f"raygan loop:   {result['raygan_steps_per_s']:.1f} steps/s")
-    print(f"ratio raygan/plain: {result['ratio_median']:.3f} (per round: "
-          f"{', '.join(f'{r:.3f}' for r in ratios)}); bar >= 0.90")
+    print(
+        f"ratio raygan/plain: {result['ratio_median']:.3f} (per round: "
+        f"{', '.join(f'{r:.3f}' for r in ratios)}); bar >= 0.90"
+    )
     path = write_json("loop_speed", {"protocol": vars(args), "machine": machine(), **result})
     print(f"wrote {path}")
     return 0

@@ -50,16 +50,29 @@ def train_one(data: str, variant: str, seed: int, steps: int, extra: list[str]) 
     suffix, overrides = VARIANTS[variant]
     cfg = load_config(
         preset_for(data, suffix),
-        [f"data.name={data}", f"seed={seed}", f"train.steps={steps}", f"eval.every={steps}",
-         "eval.samples=2500", *SHARED, *overrides, *extra],
+        [
+            f"data.name={data}",
+            f"seed={seed}",
+            f"train.steps={steps}",
+            f"eval.every={steps}",
+            "eval.samples=2500",
+            *SHARED,
+            *overrides,
+            *extra,
+        ],
     )
     wall, cpu = time.perf_counter(), time.process_time()
     history = GanRun(cfg).run()
     final = history[-1]
     return {
-        "variant": variant, "seed": seed, "steps": steps,
-        "modes": final["modes"], "hq_pct": final["hq_pct"], "reverse_kl": final["reverse_kl"],
-        "cpu_seconds": time.process_time() - cpu, "wall_seconds": time.perf_counter() - wall,
+        "variant": variant,
+        "seed": seed,
+        "steps": steps,
+        "modes": final["modes"],
+        "hq_pct": final["hq_pct"],
+        "reverse_kl": final["reverse_kl"],
+        "cpu_seconds": time.process_time() - cpu,
+        "wall_seconds": time.perf_counter() - wall,
     }
 
 
@@ -67,8 +80,11 @@ def _load_done(path: Path, steps: int, overrides: list[str]) -> dict[tuple[str, 
     if not path.is_file():
         return {}
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {(r["variant"], r["seed"]): r for r in rows
-            if r["steps"] == steps and r.get("overrides") == overrides}
+    return {
+        (r["variant"], r["seed"]): r
+        for r in rows
+        if r["steps"] == steps and r.get("overrides") == overrides
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,8 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     # budget and overrides reuses them instead of training again (an interrupted bench resumes).
     log_path = OUT_DIR / f"{args.data}_variants.runs.jsonl"
     done = _load_done(log_path, args.steps, SHARED + args.set)
-    jobs = [(args.data, v, s, args.steps, args.set) for v in args.variants for s in args.seeds
-            if (v, s) not in done]
+    jobs = [
+        (args.data, v, s, args.steps, args.set)
+        for v in args.variants
+        for s in args.seeds
+        if (v, s) not in done
+    ]
     print(f"runs: {len(jobs)} to train, {len(done)} reused from {log_path}", flush=True)
     started = time.perf_counter()
 
@@ -99,33 +119,53 @@ def main(argv: list[str] | None = None) -> int:
         OUT_DIR.mkdir(parents=True, exist_ok=True)
         with log_path.open("a") as fh:
             fh.write(json.dumps(result) + "\n")
-        print(f"  {result['variant']} seed {result['seed']}: modes {result['modes']:.0f} "
-              f"HQ {result['hq_pct']:.1f} rKL {result['reverse_kl']:.3f} "
-              f"({result['cpu_seconds']:.0f} CPU s)", flush=True)
+        print(
+            f"  {result['variant']} seed {result['seed']}: modes {result['modes']:.0f} "
+            f"HQ {result['hq_pct']:.1f} rKL {result['reverse_kl']:.3f} "
+            f"({result['cpu_seconds']:.0f} CPU s)",
+            flush=True,
+        )
 
     results = run_parallel(train_one, jobs, args.jobs, on_result=record)
     results += [done[(v, s)] for v in args.variants for s in args.seeds if (v, s) in done]
     rows = []
     for variant in args.variants:
         runs = [r for r in results if r["variant"] == variant]
-        rows.append([
-            variant,
-            median(r["modes"] for r in runs),
-            median(r["hq_pct"] for r in runs),
-            median(r["reverse_kl"] for r in runs),
-            " / ".join(f"{r['modes']:.0f}" for r in runs),
-            median(r["cpu_seconds"] for r in runs),
-        ])
-    headers = ["variant", "modes (median)", "HQ % (median)", "rKL (median)", "modes per seed",
-               "CPU s per run"]
+        rows.append(
+            [
+                variant,
+                median(r["modes"] for r in runs),
+                median(r["hq_pct"] for r in runs),
+                median(r["reverse_kl"] for r in runs),
+                " / ".join(f"{r['modes']:.0f}" for r in runs),
+                median(r["cpu_seconds"] for r in runs),
+            ]
+        )
+    headers = [
+        "variant",
+        "modes (median)",
+        "HQ % (median)",
+        "rKL (median)",
+        "modes per seed",
+        "CPU s per run",
+    ]
     print(table(headers, rows))
     print(f"total wall: {time.perf_counter() - started:.0f} s")
-    path = write_json(f"{args.data}_variants", {
-        "protocol": {"data": args.data, "steps": args.steps, "seeds": args.seeds,
-                     "shared_overrides": SHARED + args.set, "samples": 2500},
-        "machine": machine(), "runs": results,
-        "summary": [dict(zip(headers, row, strict=True)) for row in rows],
-    })
+    path = write_json(
+        f"{args.data}_variants",
+        {
+            "protocol": {
+                "data": args.data,
+                "steps": args.steps,
+                "seeds": args.seeds,
+                "shared_overrides": SHARED + args.set,
+                "samples": 2500,
+            },
+            "machine": machine(),
+            "runs": results,
+            "summary": [dict(zip(headers, row, strict=True)) for row in rows],
+        },
+    )
     print(f"wrote {path}")
     return 0
 

@@ -405,7 +405,10 @@ def validate(cfg: GanConfig, source: str = "<config>") -> None:
     _one_of("data.name", cfg.data.name, DATASETS, source)
     _check(
         cfg.data.name != "parquet" or bool(cfg.data.path),
-        "data.path", cfg.data.path, "a Parquet file or folder when data.name=parquet", source,
+        "data.path",
+        cfg.data.path,
+        "a Parquet file or folder when data.name=parquet",
+        source,
     )
     _check(cfg.data.image_size >= 0, "data.image_size", cfg.data.image_size, ">= 0", source)
     _check(cfg.data.channels >= 1, "data.channels", cfg.data.channels, ">= 1", source)
@@ -423,8 +426,9 @@ def validate(cfg: GanConfig, source: str = "<config>") -> None:
     _check(d.pack >= 1, "discriminator.pack", d.pack, ">= 1", source)
     mb = d.minibatch
     _check(mb.kernels >= 0, "discriminator.minibatch.kernels", mb.kernels, ">= 0 (0 = off)", source)
-    _check(mb.kernel_dims >= 1, "discriminator.minibatch.kernel_dims", mb.kernel_dims, ">= 1",
-           source)
+    _check(
+        mb.kernel_dims >= 1, "discriminator.minibatch.kernel_dims", mb.kernel_dims, ">= 1", source
+    )
     for prefix, opt in (("g_optim", cfg.g_optim), ("d_optim", cfg.d_optim)):
         _one_of(f"{prefix}.name", opt.name, OPTIMIZERS, source)
         _check(opt.lr > 0, f"{prefix}.lr", opt.lr, "> 0", source)
@@ -432,8 +436,15 @@ def validate(cfg: GanConfig, source: str = "<config>") -> None:
         _check(0 <= opt.beta2 < 1, f"{prefix}.beta2", opt.beta2, "in [0, 1)", source)
     _check(cfg.unroll.steps >= 0, "unroll.steps", cfg.unroll.steps, ">= 0 (0 = off)", source)
     _check(o.n_critic >= 1, "objective.n_critic", o.n_critic, ">= 1", source)
-    for key in ("gp_weight", "dragan_noise", "ebgan_margin", "ebgan_pt_weight",
-                "madgan_diversity", "mrgan_geometric", "mrgan_mode"):
+    for key in (
+        "gp_weight",
+        "dragan_noise",
+        "ebgan_margin",
+        "ebgan_pt_weight",
+        "madgan_diversity",
+        "mrgan_geometric",
+        "mrgan_mode",
+    ):
         value = getattr(o, key)
         _check(value >= 0, f"objective.{key}", value, ">= 0", source)
     _check(t.steps >= 1, "train.steps", t.steps, ">= 1", source)
@@ -453,45 +464,77 @@ def validate(cfg: GanConfig, source: str = "<config>") -> None:
     _check(c.every >= 1, "checkpoint.every", c.every, ">= 1", source)
     _check(c.keep >= 1, "checkpoint.keep", c.keep, ">= 1", source)
     _one_of("checkpoint.mode", c.mode, ("max", "min"), source)
-    _check(bool(cfg.name) and "/" not in cfg.name, "name", cfg.name, "a non-empty name without '/'",
-           source)
+    _check(
+        bool(cfg.name) and "/" not in cfg.name,
+        "name",
+        cfg.name,
+        "a non-empty name without '/'",
+        source,
+    )
 
     # Combinations.
     _check(
-        t.batch_size >= g.count, "train.batch_size", t.batch_size,
-        f">= generators.count ({g.count}): every generator needs samples in a batch", source,
+        t.batch_size >= g.count,
+        "train.batch_size",
+        t.batch_size,
+        f">= generators.count ({g.count}): every generator needs samples in a batch",
+        source,
     )
     _check(
-        t.batch_size % g.count == 0, "train.batch_size", t.batch_size,
-        f"a multiple of generators.count ({g.count})", source,
+        t.batch_size % g.count == 0,
+        "train.batch_size",
+        t.batch_size,
+        f"a multiple of generators.count ({g.count})",
+        source,
     )
     _check(
-        t.batch_size % d.pack == 0, "train.batch_size", t.batch_size,
-        f"a multiple of discriminator.pack ({d.pack})", source,
+        t.batch_size % d.pack == 0,
+        "train.batch_size",
+        t.batch_size,
+        f"a multiple of discriminator.pack ({d.pack})",
+        source,
     )
     _check(
-        o.name != "madgan" or g.count >= 2, "objective.name", o.name,
-        f"madgan needs generators.count >= 2 (got {g.count}); use nonsaturating for one G", source,
+        o.name != "madgan" or g.count >= 2,
+        "objective.name",
+        o.name,
+        f"madgan needs generators.count >= 2 (got {g.count}); use nonsaturating for one G",
+        source,
     )
     _check(
-        o.name != "madgan" or d.pack == 1, "discriminator.pack", d.pack,
-        "1 with objective madgan (D classifies single samples by generator)", source,
+        o.name != "madgan" or d.pack == 1,
+        "discriminator.pack",
+        d.pack,
+        "1 with objective madgan (D classifies single samples by generator)",
+        source,
     )
     _check(
-        o.name != "ebgan" or mb.kernels == 0, "discriminator.minibatch.kernels", mb.kernels,
-        "0 with objective ebgan (its discriminator is an autoencoder)", source,
+        o.name != "ebgan" or mb.kernels == 0,
+        "discriminator.minibatch.kernels",
+        mb.kernels,
+        "0 with objective ebgan (its discriminator is an autoencoder)",
+        source,
     )
     _check(
-        o.name != "ebgan" or d.pack == 1, "discriminator.pack", d.pack,
-        "1 with objective ebgan (its discriminator is an autoencoder)", source,
+        o.name != "ebgan" or d.pack == 1,
+        "discriminator.pack",
+        d.pack,
+        "1 with objective ebgan (its discriminator is an autoencoder)",
+        source,
     )
     _check(
-        not (mb.kernels > 0 and t.batch_size // d.pack < 2), "discriminator.minibatch.kernels",
-        mb.kernels, "0 when a batch holds fewer than 2 discriminator inputs", source,
+        not (mb.kernels > 0 and t.batch_size // d.pack < 2),
+        "discriminator.minibatch.kernels",
+        mb.kernels,
+        "0 when a batch holds fewer than 2 discriminator inputs",
+        source,
     )
     image_data = cfg.data.name in ("digits", "stacked_digits") or cfg.data.image_size > 0
     for prefix, arch in (("generators.arch", g.arch), ("discriminator.arch", d.arch)):
         _check(
-            arch == "mlp" or image_data, prefix, arch,
-            "mlp for point data (dcgan needs image data)", source,
+            arch == "mlp" or image_data,
+            prefix,
+            arch,
+            "mlp for point data (dcgan needs image data)",
+            source,
         )

@@ -253,8 +253,11 @@ class ParquetDataset(Dataset):
             self._fail(f"no usable columns: no 'image' column among {table.column_names}")
         column = table.column("image")
         kind = column.type
-        if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)
-                or pa.types.is_fixed_size_list(kind)):
+        if not (
+            pa.types.is_list(kind)
+            or pa.types.is_large_list(kind)
+            or pa.types.is_fixed_size_list(kind)
+        ):
             self._fail(f"column 'image' has type {kind}, not a list of numbers")
         if not _is_number(kind.value_type):
             self._fail(f"column 'image' has non-numeric values of type {kind.value_type}")
@@ -276,23 +279,22 @@ class ParquetDataset(Dataset):
         values = flat.to_numpy()
         if pa.types.is_integer(kind.value_type):
             if values.min() < 0 or values.max() > 255:
-                self._fail(
-                    f"integer pixels must be 0..255, found {values.min()}..{values.max()}"
-                )
+                self._fail(f"integer pixels must be 0..255, found {values.min()}..{values.max()}")
             values = values / 127.5 - 1.0
         else:
             self._check_finite(values.astype(np.float32), "column 'image'")
             if values.min() < -1 or values.max() > 1:
-                self._fail(
-                    f"float pixels must be in [-1, 1], found {values.min()}..{values.max()}"
-                )
+                self._fail(f"float pixels must be in [-1, 1], found {values.min()}..{values.max()}")
         # astype copies: Arrow's buffers are read-only, and the tensor must own writable memory.
         return torch.from_numpy(values.astype(np.float32)).reshape(-1, *self.shape)
 
     def _points(self, table: pa.Table) -> Tensor:
         names = [name for name in table.column_names if name != "label"]
-        other = [f"{n} ({table.schema.field(n).type})" for n in names
-                 if not _is_number(table.schema.field(n).type)]
+        other = [
+            f"{n} ({table.schema.field(n).type})"
+            for n in names
+            if not _is_number(table.schema.field(n).type)
+        ]
         if other:
             hint = " (set image_size for an image column)" if "image" in names else ""
             self._fail(f"non-numeric columns: {', '.join(other)}{hint}")

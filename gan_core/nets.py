@@ -380,8 +380,9 @@ class Encoder(nn.Module):
         activation: str,
     ) -> None:
         super().__init__()
-        layers, features = _feature_body("encoder", in_shape, arch, width, depth, activation,
-                                         batch_norm=False, maxout_pieces=1)
+        layers, features = _feature_body(
+            "encoder", in_shape, arch, width, depth, activation, batch_norm=False, maxout_pieces=1
+        )
         self.net = nn.Sequential(*layers, nn.Linear(features, z_dim))
         _dcgan_init(self)
 

@@ -71,8 +71,9 @@ def _check_finite(state: dict) -> None:
             raise ValueError(f"refusing to checkpoint a non-finite tensor at {key}")
 
 
-def save_checkpoint(folder: str | Path, state: dict, cfg: GanConfig, metrics: dict[str, float]
-                    ) -> Path:
+def save_checkpoint(
+    folder: str | Path, state: dict, cfg: GanConfig, metrics: dict[str, float]
+) -> Path:
     """Write ``state``, ``cfg`` and ``metrics`` into ``folder`` (created if needed)."""
     folder = Path(folder)
     _check_finite(state)
@@ -100,8 +101,9 @@ def _saved_config(folder: Path) -> GanConfig:
         data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
         return from_dict(data, source=str(path))  # type: ignore[arg-type]
     except ConfigError as exc:
-        raise CheckpointError(f"checkpoint {folder}: {CONFIG_FILE} is not a valid config: {exc}"
-                              ) from None
+        raise CheckpointError(
+            f"checkpoint {folder}: {CONFIG_FILE} is not a valid config: {exc}"
+        ) from None
     except Exception as exc:  # YAML errors come in several exception types
         raise CheckpointError(f"checkpoint {folder}: {CONFIG_FILE} is unreadable: {exc}") from None
 
@@ -151,8 +153,9 @@ def load_checkpoint(folder: str | Path, cfg: GanConfig) -> dict:
         state = torch.load(state_path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
         if "Weights only load failed" not in str(exc):
-            raise CheckpointError(f"checkpoint {folder}: {STATE_FILE} is truncated or corrupt "
-                                  f"({exc})") from None
+            raise CheckpointError(
+                f"checkpoint {folder}: {STATE_FILE} is truncated or corrupt ({exc})"
+            ) from None
         # weights_only refused a global outside its allow-list or an unknown opcode: a pickle
         # that would build arbitrary objects or call functions. None of it has run.
         raise CheckpointError(

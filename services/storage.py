@@ -118,13 +118,13 @@ class Storage:
         selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
         infos = self.filesystem.get_file_info(selector)
         return sorted(
-            info.path[len(base) + 1:] for info in infos if info.type == pafs.FileType.File
+            info.path[len(base) + 1 :] for info in infos if info.type == pafs.FileType.File
         )
 
 
 def _parse_s3(uri: str) -> tuple[str, str]:
     """``(bucket, prefix)`` of an ``s3://`` URI, prefix without leading/trailing slashes."""
-    rest = uri[len("s3://"):]
+    rest = uri[len("s3://") :]
     bucket, _, prefix = rest.partition("/")
     if not _BUCKET.fullmatch(bucket):
         raise StorageError(
@@ -148,9 +148,7 @@ def _endpoint(cfg: StorageConfig) -> tuple[str, str] | None:
         return None
     parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.path.strip("/"):
-        raise StorageError(
-            f"S3 endpoint {endpoint!r} is malformed; allowed: http(s)://host[:port]"
-        )
+        raise StorageError(f"S3 endpoint {endpoint!r} is malformed; allowed: http(s)://host[:port]")
     return parts.netloc, parts.scheme
 
 
@@ -169,8 +167,11 @@ def _open_s3(cfg: StorageConfig, uri: str) -> Storage:
     if key and secret:
         # Explicit keys are pickled with the filesystem, so Ray's workers and controller use them
         # wherever they run; without them each process walks AWS's default credential chain.
-        options.update(access_key=key, secret_key=secret,
-                       session_token=os.environ.get("AWS_SESSION_TOKEN") or None)
+        options.update(
+            access_key=key,
+            secret_key=secret,
+            session_token=os.environ.get("AWS_SESSION_TOKEN") or None,
+        )
     where = f"{uri} (endpoint {endpoint[1]}://{endpoint[0]})" if endpoint else uri
     try:
         filesystem = pafs.S3FileSystem(**options)

@@ -52,8 +52,13 @@ SECRET_KEY_PARTS = ("secret", "password", "token", "access_key", "credential")
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 # MLflow error codes that mean "this request is wrong", so retrying it can never succeed.
 _PERMANENT_ERRORS = frozenset(
-    {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST", "INVALID_STATE",
-     "MALFORMED_REQUEST"}
+    {
+        "INVALID_PARAMETER_VALUE",
+        "RESOURCE_DOES_NOT_EXIST",
+        "BAD_REQUEST",
+        "INVALID_STATE",
+        "MALFORMED_REQUEST",
+    }
 )
 _METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 _PARAMS_PER_BATCH = 100  # MLflow's log_batch limit for params and tags
@@ -98,8 +103,12 @@ def _git_commit() -> str:
     """HEAD of the checkout this code runs from; a Ray job's uploaded working dir has no .git."""
     try:
         done = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-            capture_output=True, text=True, timeout=10, check=True,
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -170,14 +179,16 @@ class Tracker:
         self._down_since: float | None = None  # monotonic time of the failure opening an outage
         self._last_attempt = -math.inf
         self._finished = False
-        self.set_tags({
-            "mlflow.source.git.commit": _git_commit(),
-            "raygan.version.ray": _version("ray"),
-            "raygan.version.torch": _version("torch"),
-            "raygan.version.mlflow": _version("mlflow"),
-            "raygan.storage_uri": storage_uri,
-            "raygan.run_name": cfg.name,
-        })  # also the first attempt to open the run; failing it only buffers, see module doc
+        self.set_tags(
+            {
+                "mlflow.source.git.commit": _git_commit(),
+                "raygan.version.ray": _version("ray"),
+                "raygan.version.torch": _version("torch"),
+                "raygan.version.mlflow": _version("mlflow"),
+                "raygan.storage_uri": storage_uri,
+                "raygan.run_name": cfg.name,
+            }
+        )  # also the first attempt to open the run; failing it only buffers, see module doc
 
     @property
     def run_id(self) -> str | None:
@@ -187,8 +198,11 @@ class Tracker:
     @property
     def pending(self) -> dict[str, int]:
         """What is buffered and not yet in MLflow."""
-        return {"metric_points": len(self._metrics), "artifacts": len(self._artifacts),
-                "tags": len(self._tags)}
+        return {
+            "metric_points": len(self._metrics),
+            "artifacts": len(self._artifacts),
+            "tags": len(self._tags),
+        }
 
     @property
     def ui_hint(self) -> str:
@@ -259,12 +273,17 @@ class Tracker:
             try:
                 self._client.set_terminated(self._run_id, status=status)
             except Exception as exc:  # MLflow's failure must not become the training's
-                logger.warning("could not mark MLflow run %s %s: %s", self._run_id, status,
-                               self._redact(str(exc)))
+                logger.warning(
+                    "could not mark MLflow run %s %s: %s",
+                    self._run_id,
+                    status,
+                    self._redact(str(exc)),
+                )
         else:
             logger.warning(
                 "MLflow at %s still unreachable at finish; NOT logged: %s%s",
-                self._redact(self.tracking_uri), self._describe_pending(),
+                self._redact(self.tracking_uri),
+                self._describe_pending(),
                 "" if self._run_ready else " (and the run itself was never opened)",
             )
         self._finished = True
@@ -286,7 +305,8 @@ class Tracker:
                 logger.warning(
                     "MLflow metric buffer full (%d points): dropping the oldest points until "
                     "MLflow at %s is reachable again",
-                    self._metrics.maxlen, self._redact(self.tracking_uri),
+                    self._metrics.maxlen,
+                    self._redact(self.tracking_uri),
                 )
             self._dropped_points += 1
         self._metrics.append(point)  # a full deque drops its oldest item
@@ -310,15 +330,18 @@ class Tracker:
                     "(at most every %.0f s) and in flush()/finish()",
                     self._redact(self.tracking_uri),
                     self._redact(str(exc).splitlines()[0][:300] if str(exc) else repr(exc)),
-                    self._describe_pending(), self.retry_interval_s,
+                    self._describe_pending(),
+                    self.retry_interval_s,
                 )
             return False
         if outage:
             logger.info(
                 "MLflow at %s reachable again after %.0f s; buffered data delivered%s",
-                self._redact(self.tracking_uri), time.monotonic() - self._down_since,
+                self._redact(self.tracking_uri),
+                time.monotonic() - self._down_since,
                 f" except the {self._dropped_points} oldest metric points"
-                if self._dropped_points else "",
+                if self._dropped_points
+                else "",
             )
             self._down_since = None
             self._dropped_points = self._dropped_artifacts = 0
@@ -331,8 +354,10 @@ class Tracker:
             text += f" ({', '.join(keys[:10])}{', ...' if len(keys) > 10 else ''})"
         text += f", {len(self._artifacts)} artifacts, {len(self._tags)} tags"
         if self._dropped_points or self._dropped_artifacts:
-            text += (f"; dropped already: {self._dropped_points} metric points, "
-                     f"{self._dropped_artifacts} artifacts")
+            text += (
+                f"; dropped already: {self._dropped_points} metric points, "
+                f"{self._dropped_artifacts} artifacts"
+            )
         return text
 
     def _ensure_run(self) -> None:
@@ -381,7 +406,8 @@ class Tracker:
         if run is None or run.info.lifecycle_stage == "deleted":
             logger.warning(
                 "MLflow run %s (to resume) not found at %s; starting a new run",
-                self._resume_id, self._redact(self.tracking_uri),
+                self._resume_id,
+                self._redact(self.tracking_uri),
             )
             self._resume_id = None
             return None
@@ -399,7 +425,7 @@ class Tracker:
         new = [Param(k, v) for k, v in self._params.items() if k not in existing]
         for start in range(0, len(new), _PARAMS_PER_BATCH):
             self._client.log_batch(
-                self._run_id, params=new[start:start + _PARAMS_PER_BATCH], synchronous=True
+                self._run_id, params=new[start : start + _PARAMS_PER_BATCH], synchronous=True
             )
 
     def _send_tags(self) -> None:
@@ -427,8 +453,9 @@ class Tracker:
                     by_key.setdefault(point.key, []).append(point)
                 for key, points in by_key.items():
                     self._send_or_drop(
-                        partial(self._client.log_batch, self._run_id, metrics=points,
-                                synchronous=True),
+                        partial(
+                            self._client.log_batch, self._run_id, metrics=points, synchronous=True
+                        ),
                         f"metric {key!r} ({len(points)} points)",
                     )
             for _ in batch:
@@ -452,8 +479,9 @@ class Tracker:
         except Exception as exc:
             if not _is_permanent(exc):
                 raise
-            logger.warning("MLflow rejected %s; dropped: %s", what,
-                           self._redact(str(exc).splitlines()[0]))
+            logger.warning(
+                "MLflow rejected %s; dropped: %s", what, self._redact(str(exc).splitlines()[0])
+            )
 
     def _spool_pending(self) -> None:
         """Copy files still waiting for upload, so the caller may delete or overwrite its own."""

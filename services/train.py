@@ -97,8 +97,9 @@ def run_with_ray(cfg: GanConfig, args: argparse.Namespace) -> dict[str, Any]:
             failure_config=FailureConfig(max_failures=r.max_failures),
             # raygan's own switches (e.g. fault injection in tests) reach the workers; credentials
             # are deliberately not forwarded here (the job API would show them to its readers).
-            worker_runtime_env={"env_vars": {k: v for k, v in os.environ.items()
-                                             if k.startswith("RAYGAN_")}},
+            worker_runtime_env={
+                "env_vars": {k: v for k, v in os.environ.items() if k.startswith("RAYGAN_")}
+            },
             checkpoint_config=CheckpointConfig(
                 num_to_keep=c.keep,
                 checkpoint_score_attribute=c.metric,

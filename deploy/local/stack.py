@@ -45,8 +45,11 @@ from typing import Any
 HOST = "127.0.0.1"
 STATE_FILE = "stack.json"
 # The dev stack's S3 credentials: moto accepts any, and MLflow proxies artifacts for clients.
-DUMMY_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-              "AWS_DEFAULT_REGION": "us-east-1"}
+DUMMY_KEYS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 # Ray's worker processes take ports 10002-19999 by default; a fixed port in there can collide.
 RAY_WORKER_PORTS = range(10002, 20000)
 
@@ -89,8 +92,10 @@ def _bin(name: str) -> str:
         return str(beside)
     found = shutil.which(name)
     if found is None:
-        raise StackError(f"`{name}` not found beside {sys.executable} or on PATH; "
-                         "install the dev extras: pip install -e '.[dev]'")
+        raise StackError(
+            f"`{name}` not found beside {sys.executable} or on PATH; "
+            "install the dev extras: pip install -e '.[dev]'"
+        )
     return found
 
 
@@ -108,6 +113,7 @@ def ray_token() -> str:
 
 
 # Processes -------------------------------------------------------------------------------------
+
 
 def _proc_stat(pid: int) -> list[str] | None:
     """Fields 3.. of /proc/PID/stat (state, ppid, pgrp, ...), or None if there is no such pid."""
@@ -165,8 +171,14 @@ def _spawn(name: str, cmd: list[str], env: dict[str, str], logs: Path) -> dict[s
     with log.open("ab") as out:
         # Its own session: `down` can signal the whole group, and a Ctrl-C in the terminal
         # that ran `up` does not reach the services.
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
     return {"pid": proc.pid, "start": _start_time(proc.pid), "cmd": cmd, "log": str(log)}
 
 
@@ -236,6 +248,7 @@ def _tail(path: str, lines: int = 25) -> str:
 
 # Health ----------------------------------------------------------------------------------------
 
+
 def _http_status(url: str, headers: dict[str, str] | None = None) -> int | None:
     """The HTTP status ``url`` answers with, or None when nothing answers."""
     request = urllib.request.Request(url, headers=headers or {})
@@ -262,15 +275,20 @@ def _healthy(name: str, state: dict[str, Any]) -> bool:
 def _create_bucket(endpoint: str, bucket: str) -> None:
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=DUMMY_KEYS[
-        "AWS_ACCESS_KEY_ID"], aws_secret_access_key=DUMMY_KEYS["AWS_SECRET_ACCESS_KEY"],
-        region_name=DUMMY_KEYS["AWS_DEFAULT_REGION"])
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=DUMMY_KEYS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=DUMMY_KEYS["AWS_SECRET_ACCESS_KEY"],
+        region_name=DUMMY_KEYS["AWS_DEFAULT_REGION"],
+    )
     existing = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
     if bucket not in existing:
         s3.create_bucket(Bucket=bucket)
 
 
 # Commands --------------------------------------------------------------------------------------
+
 
 def _load_state(stack_dir: Path) -> dict[str, Any] | None:
     path = stack_dir / STATE_FILE
@@ -287,31 +305,56 @@ def _commands(
     commands = {
         "s3": [_bin("moto_server"), "-H", HOST, "-p", str(ports.s3)],
         "mlflow": [
-            _bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{db}",
-            "--artifacts-destination", f"s3://{bucket}/mlflow", "--serve-artifacts",
-            "--host", HOST, "--port", str(ports.mlflow), "--workers", "1",
+            _bin("mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{db}",
+            "--artifacts-destination",
+            f"s3://{bucket}/mlflow",
+            "--serve-artifacts",
+            "--host",
+            HOST,
+            "--port",
+            str(ports.mlflow),
+            "--workers",
+            "1",
         ],
         "ray": [
-            _bin("ray"), "start", "--head", "--block", f"--node-ip-address={HOST}",
-            f"--port={ports.gcs}", f"--num-cpus={num_cpus}", "--include-dashboard=true",
-            f"--dashboard-host={HOST}", f"--dashboard-port={ports.dashboard}",
+            _bin("ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--node-ip-address={HOST}",
+            f"--port={ports.gcs}",
+            f"--num-cpus={num_cpus}",
+            "--include-dashboard=true",
+            f"--dashboard-host={HOST}",
+            f"--dashboard-port={ports.dashboard}",
             f"--ray-client-server-port={ports.ray_client}",
-            f"--dashboard-agent-listen-port={ports.dashboard_agent}", "--disable-usage-stats",
+            f"--dashboard-agent-listen-port={ports.dashboard_agent}",
+            "--disable-usage-stats",
         ],
     }
     base = {**os.environ, "AWS_EC2_METADATA_DISABLED": "true"}
     envs = {
         "s3": base,
         # Without MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false the server starts ~10 processes.
-        "mlflow": {**base, **DUMMY_KEYS, "MLFLOW_S3_ENDPOINT_URL": s3_url,
-                   "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        "mlflow": {
+            **base,
+            **DUMMY_KEYS,
+            "MLFLOW_S3_ENDPOINT_URL": s3_url,
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        },
         # On SIGTERM the head waits up to this long for running work to drain (default 30 s),
         # which is for Serve traffic, not for a local training stack being stopped.
-        "ray": {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "5", **base, "RAY_AUTH_MODE": "token",
-                # A job's entrypoint `python` must be the interpreter that has raygan's
-                # dependencies: the one running this stack (e.g. .venv), first on the PATH.
-                "PATH": os.pathsep.join([str(Path(sys.executable).parent),
-                                         os.environ.get("PATH", "")])},
+        "ray": {
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "5",
+            **base,
+            "RAY_AUTH_MODE": "token",
+            # A job's entrypoint `python` must be the interpreter that has raygan's
+            # dependencies: the one running this stack (e.g. .venv), first on the PATH.
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        },
     }
     return commands, envs
 
@@ -343,32 +386,45 @@ def submit_line(state: dict[str, Any], preset: str = "ring8") -> str:
     )
 
 
-def up(stack_dir: Path, ports: Ports, bucket: str = "raygan", num_cpus: int = 2,
-       timeout: float = 120.0) -> dict[str, Any]:
+def up(
+    stack_dir: Path, ports: Ports, bucket: str = "raygan", num_cpus: int = 2, timeout: float = 120.0
+) -> dict[str, Any]:
     """Start the three services, wait until each answers, create the bucket; returns the state."""
     state = _load_state(stack_dir)
     if state and any(_is_ours(p["pid"], p.get("start")) for p in state["processes"].values()):
-        raise StackError(f"a stack recorded in {stack_dir / STATE_FILE} is still running: run "
-                         f"`python -m deploy.local.stack down --dir {stack_dir}` first")
+        raise StackError(
+            f"a stack recorded in {stack_dir / STATE_FILE} is still running: run "
+            f"`python -m deploy.local.stack down --dir {stack_dir}` first"
+        )
     ports = Ports(**vars(ports))
     for field in ("gcs", "ray_client", "dashboard_agent"):
         if getattr(ports, field) == 0:
             setattr(ports, field, free_port())
-    for flag, port in (("--s3-port", ports.s3), ("--mlflow-port", ports.mlflow),
-                       ("--dashboard-port", ports.dashboard), ("--ray-port", ports.gcs)):
+    for flag, port in (
+        ("--s3-port", ports.s3),
+        ("--mlflow-port", ports.mlflow),
+        ("--dashboard-port", ports.dashboard),
+        ("--ray-port", ports.gcs),
+    ):
         if _port_in_use(port):
             raise StackError(f"port {port} ({flag}) is already in use on {HOST}; pick another")
         if flag == "--ray-port" and port in RAY_WORKER_PORTS:
-            raise StackError(f"--ray-port {port} is inside Ray's worker port range "
-                             f"{RAY_WORKER_PORTS.start}-{RAY_WORKER_PORTS.stop - 1}")
+            raise StackError(
+                f"--ray-port {port} is inside Ray's worker port range "
+                f"{RAY_WORKER_PORTS.start}-{RAY_WORKER_PORTS.stop - 1}"
+            )
 
     logs = stack_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     # Keeps the stack's database and logs out of git and out of `ray job submit --working-dir .`.
     (stack_dir / ".gitignore").write_text("*\n")
     ray_token()  # before Ray starts: with RAY_AUTH_MODE=token it refuses to start without one
-    state = {"ports": vars(ports), "bucket": bucket, "processes": {},
-             "ray_tmpdir": os.environ.get("RAY_TMPDIR", "")}
+    state = {
+        "ports": vars(ports),
+        "bucket": bucket,
+        "processes": {},
+        "ray_tmpdir": os.environ.get("RAY_TMPDIR", ""),
+    }
     commands, envs = _commands(ports, bucket, stack_dir, num_cpus)
     try:
         for name, cmd in commands.items():
@@ -394,13 +450,16 @@ def _wait_healthy(state: dict[str, Any], bucket: str, timeout: float) -> None:
                     _create_bucket(f"http://{HOST}:{state['ports']['s3']}", bucket)
                 waiting.remove(name)
             elif not _is_ours(entry["pid"], entry.get("start")):
-                raise StackError(f"{name} exited during start-up; end of {entry['log']}:\n"
-                                 f"{_tail(entry['log'])}")
+                raise StackError(
+                    f"{name} exited during start-up; end of {entry['log']}:\n{_tail(entry['log'])}"
+                )
         if waiting and time.monotonic() > deadline:
             name = waiting[0]
             log = state["processes"][name]["log"]
-            raise StackError(f"{', '.join(waiting)} not answering after {timeout:.0f} s; "
-                             f"end of {log}:\n{_tail(log)}")
+            raise StackError(
+                f"{', '.join(waiting)} not answering after {timeout:.0f} s; "
+                f"end of {log}:\n{_tail(log)}"
+            )
         if waiting:
             time.sleep(0.3)
 
@@ -410,8 +469,9 @@ def down(stack_dir: Path, timeout: float = 30.0) -> dict[str, str]:
     state = _load_state(stack_dir)
     if state is None:
         return {}
-    outcome = {name: _stop(entry, timeout)
-               for name, entry in reversed(list(state["processes"].items()))}
+    outcome = {
+        name: _stop(entry, timeout) for name, entry in reversed(list(state["processes"].items()))
+    }
     (stack_dir / STATE_FILE).unlink()
     return outcome
 
@@ -422,8 +482,12 @@ def status(stack_dir: Path) -> dict[str, dict[str, Any]]:
     if state is None:
         return {}
     return {
-        name: {"pid": entry["pid"], "running": _is_ours(entry["pid"], entry.get("start")),
-               "healthy": _healthy(name, state), "log": entry["log"]}
+        name: {
+            "pid": entry["pid"],
+            "running": _is_ours(entry["pid"], entry.get("start")),
+            "healthy": _healthy(name, state),
+            "log": entry["log"],
+        }
         for name, entry in state["processes"].items()
     }
 
@@ -438,33 +502,47 @@ def _print_ready(state: dict[str, Any], stack_dir: Path) -> None:
     for key, value in client_env(state).items():
         print(f"export {key}={shlex.quote(value)}")
     print("\n# `ray job` reads the token from ~/.ray/auth_token because RAY_AUTH_MODE=token;")
-    print("# REST calls need: -H \"Authorization: Bearer $(cat ~/.ray/auth_token)\"")
+    print('# REST calls need: -H "Authorization: Bearer $(cat ~/.ray/auth_token)"')
     print("ray job list")
     print(submit_line(state))
     print(f"\n# stop: python -m deploy.local.stack down --dir {stack_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deploy.local.stack", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m deploy.local.stack",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("command", choices=("up", "down", "status"))
-    parser.add_argument("--dir", type=Path, default=Path(".stack"),
-                        help="where PIDs, logs and the MLflow database live (default .stack)")
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=Path(".stack"),
+        help="where PIDs, logs and the MLflow database live (default .stack)",
+    )
     parser.add_argument("--s3-port", type=int, default=9000)
     parser.add_argument("--mlflow-port", type=int, default=5000)
     parser.add_argument("--dashboard-port", type=int, default=8265)
     parser.add_argument("--ray-port", type=int, default=0, help="Ray GCS port (0 = a free one)")
     parser.add_argument("--num-cpus", type=int, default=2)
     parser.add_argument("--bucket", default="raygan")
-    parser.add_argument("--timeout", type=float, default=None,
-                        help="seconds: up waits this long for health (120), down before SIGKILL "
-                             "(30)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds: up waits this long for health (120), down before SIGKILL (30)",
+    )
     args = parser.parse_args(argv)
     stack_dir: Path = args.dir.resolve()
     try:
         if args.command == "up":
-            ports = Ports(s3=args.s3_port, mlflow=args.mlflow_port,
-                          dashboard=args.dashboard_port, gcs=args.ray_port)
+            ports = Ports(
+                s3=args.s3_port,
+                mlflow=args.mlflow_port,
+                dashboard=args.dashboard_port,
+                gcs=args.ray_port,
+            )
             state = up(stack_dir, ports, args.bucket, args.num_cpus, args.timeout or 120.0)
             _print_ready(state, stack_dir)
             return 0

@@ -95,8 +95,13 @@ def test_remedy_presets_inherit_ring8_and_change_one_thing() -> None:
 def test_overrides_apply_with_coerced_types() -> None:
     cfg = load_config(
         "ring8",
-        ["unroll.steps=5", "g_optim.lr=0.001", "generators.batch_norm=false", "data.name=grid25",
-         "train.ema=0.99"],
+        [
+            "unroll.steps=5",
+            "g_optim.lr=0.001",
+            "generators.batch_norm=false",
+            "data.name=grid25",
+            "train.ema=0.99",
+        ],
     )
     assert cfg.unroll.steps == 5 and type(cfg.unroll.steps) is int
     assert cfg.g_optim.lr == 0.001 and type(cfg.g_optim.lr) is float
@@ -154,8 +159,9 @@ def test_unknown_key_two_levels_down_in_yaml(tmp_path: Path) -> None:
     path = write(tmp_path / "run.yaml", "discriminator:\n  minibatch:\n    zz: [1, 2]\n")
     with pytest.raises(ConfigError) as exc:
         load_config(str(path))
-    expect_error(exc, "discriminator.minibatch.zz", [1, 2], "known keys: kernels, kernel_dims",
-                 str(path))
+    expect_error(
+        exc, "discriminator.minibatch.zz", [1, 2], "known keys: kernels, kernel_dims", str(path)
+    )
 
 
 def test_unknown_key_in_a_base_file_names_that_file(tmp_path: Path) -> None:
@@ -234,8 +240,7 @@ def test_unresolvable_interpolation_is_a_config_error() -> None:
         ("unroll.steps=-1", "unroll.steps", -1, ">= 0"),
         ("generators.count=0", "generators.count", 0, ">= 1"),
         ("discriminator.minibatch.kernels=-1", "discriminator.minibatch.kernels", -1, ">= 0"),
-        ("discriminator.minibatch.kernel_dims=0", "discriminator.minibatch.kernel_dims", 0,
-         ">= 1"),
+        ("discriminator.minibatch.kernel_dims=0", "discriminator.minibatch.kernel_dims", 0, ">= 1"),
         ("g_optim.lr=0", "g_optim.lr", 0.0, "> 0"),
         ("d_optim.lr=-0.001", "d_optim.lr", -0.001, "> 0"),
         ("g_optim.beta1=1.0", "g_optim.beta1", 1.0, "in [0, 1)"),
@@ -274,8 +279,13 @@ def test_config_error_is_a_value_error() -> None:
 def test_madgan_with_one_generator() -> None:
     with pytest.raises(ConfigError) as exc:
         load_config("ring8_madgan", ["generators.count=1"])
-    expect_error(exc, "objective.name", "madgan", "madgan needs generators.count >= 2 (got 1)",
-                 MADGAN_OVERRIDES)
+    expect_error(
+        exc,
+        "objective.name",
+        "madgan",
+        "madgan needs generators.count >= 2 (got 1)",
+        MADGAN_OVERRIDES,
+    )
 
 
 def test_madgan_with_packing() -> None:
@@ -287,15 +297,25 @@ def test_madgan_with_packing() -> None:
 def test_ebgan_with_minibatch_discrimination() -> None:
     with pytest.raises(ConfigError) as exc:
         load_config("ring8_ebgan", ["discriminator.minibatch.kernels=8"])
-    expect_error(exc, "discriminator.minibatch.kernels", 8, "0 with objective ebgan",
-                 f"{PRESET_DIR / 'ring8_ebgan.yaml'} + overrides")
+    expect_error(
+        exc,
+        "discriminator.minibatch.kernels",
+        8,
+        "0 with objective ebgan",
+        f"{PRESET_DIR / 'ring8_ebgan.yaml'} + overrides",
+    )
 
 
 def test_batch_not_a_multiple_of_pack() -> None:
     with pytest.raises(ConfigError) as exc:
         load_config("ring8_pacgan", ["train.batch_size=99"])
-    expect_error(exc, "train.batch_size", 99, "a multiple of discriminator.pack (2)",
-                 f"{PRESET_DIR / 'ring8_pacgan.yaml'} + overrides")
+    expect_error(
+        exc,
+        "train.batch_size",
+        99,
+        "a multiple of discriminator.pack (2)",
+        f"{PRESET_DIR / 'ring8_pacgan.yaml'} + overrides",
+    )
 
 
 def test_batch_smaller_than_generator_count() -> None:
@@ -307,8 +327,9 @@ def test_batch_smaller_than_generator_count() -> None:
 def test_batch_not_a_multiple_of_generator_count() -> None:
     with pytest.raises(ConfigError) as exc:
         load_config("ring8_madgan", ["train.batch_size=10"])
-    expect_error(exc, "train.batch_size", 10, "a multiple of generators.count (4)",
-                 MADGAN_OVERRIDES)
+    expect_error(
+        exc, "train.batch_size", 10, "a multiple of generators.count (4)", MADGAN_OVERRIDES
+    )
 
 
 @pytest.mark.parametrize("net", ["generators", "discriminator"])
@@ -321,8 +342,13 @@ def test_dcgan_on_point_data(net: str) -> None:
 def test_dcgan_on_parquet_images_is_legal() -> None:
     cfg = load_config(
         "ring8",
-        ["data.name=parquet", "data.path=/data/faces", "data.image_size=32",
-         "generators.arch=dcgan", "discriminator.arch=dcgan"],
+        [
+            "data.name=parquet",
+            "data.path=/data/faces",
+            "data.image_size=32",
+            "generators.arch=dcgan",
+            "discriminator.arch=dcgan",
+        ],
     )
     assert (cfg.generators.arch, cfg.data.image_size) == ("dcgan", 32)
 
@@ -342,8 +368,9 @@ def test_unrolled_madgan_with_minibatch_discrimination_is_legal() -> None:
 
 def test_base_chain_from_user_yaml_to_presets(tmp_path: Path) -> None:
     # user file -> ring8_madgan -> ring8: three levels, the nearest file winning each key.
-    path = write(tmp_path / "mine.yaml",
-                 "base: ring8_madgan\nname: mine\ntrain: {batch_size: 64}\n")
+    path = write(
+        tmp_path / "mine.yaml", "base: ring8_madgan\nname: mine\ntrain: {batch_size: 64}\n"
+    )
     cfg = load_config(str(path))
     assert cfg.name == "mine"
     assert cfg.train.batch_size == 64
@@ -356,8 +383,10 @@ def test_base_relative_to_the_file_not_the_working_dir(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     write(tmp_path / "conf" / "parent.yaml", "base: ring8\nname: parent\nunroll: {steps: 3}\n")
-    child = write(tmp_path / "conf" / "sub" / "child.yaml",
-                  "base: ../parent.yaml\nname: child\ndiscriminator: {pack: 2}\n")
+    child = write(
+        tmp_path / "conf" / "sub" / "child.yaml",
+        "base: ../parent.yaml\nname: child\ndiscriminator: {pack: 2}\n",
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -394,17 +423,26 @@ def test_unknown_base_names_the_file_and_lists_presets(tmp_path: Path) -> None:
 def test_unknown_preset_lists_presets() -> None:
     with pytest.raises(ConfigError) as exc:
         load_config("ring9")
-    expect_error(exc, "--config", "ring9", "a YAML path or a preset: " + ", ".join(preset_names()),
-                 "<config argument>")
+    expect_error(
+        exc,
+        "--config",
+        "ring9",
+        "a YAML path or a preset: " + ", ".join(preset_names()),
+        "<config argument>",
+    )
 
 
 def test_missing_file_lists_presets(tmp_path: Path) -> None:
     missing = str(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError) as exc:
         load_config(missing)
-    expect_error(exc, "--config", missing,
-                 "an existing YAML file or a preset: " + ", ".join(preset_names()),
-                 "<config argument>")
+    expect_error(
+        exc,
+        "--config",
+        missing,
+        "an existing YAML file or a preset: " + ", ".join(preset_names()),
+        "<config argument>",
+    )
 
 
 def test_yaml_syntax_error_names_the_file(tmp_path: Path) -> None:

@@ -40,9 +40,7 @@ def gen(seed: int = 0) -> torch.Generator:
 
 def test_ring8_centers_are_the_eight_points_on_the_unit_circle() -> None:
     h = math.sqrt(0.5)
-    expected = torch.tensor(
-        [[1, 0], [h, h], [0, 1], [-h, h], [-1, 0], [-h, -h], [0, -1], [h, -h]]
-    )
+    expected = torch.tensor([[1, 0], [h, h], [0, 1], [-h, h], [-1, 0], [-h, -h], [0, -1], [h, -h]])
     ds = ring8()
     assert ds.centers.dtype == torch.float32
     torch.testing.assert_close(ds.centers, expected, atol=1e-7, rtol=0)

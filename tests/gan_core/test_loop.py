@@ -242,8 +242,14 @@ def test_format_eval_mixture_and_digits_lines():
     line = format_eval(
         3,
         10,
-        {"steps_per_s": 12.34, "d_loss": 0.5, "g_loss": 1.25, "modes": 7.0, "hq_pct": 85.04,
-         "reverse_kl": 0.1234},
+        {
+            "steps_per_s": 12.34,
+            "d_loss": 0.5,
+            "g_loss": 1.25,
+            "modes": 7.0,
+            "hq_pct": 85.04,
+            "reverse_kl": 0.1234,
+        },
     )
     assert line == "step 3/10 | 12.3 it/s | d 0.500 | g 1.250 | modes 7 | HQ 85.0% | rKL 0.123"
     line = format_eval(4, 8, {"modes": 950.0, "kl": 0.25})
@@ -270,9 +276,7 @@ def test_coverage_table_rows():
 
 def test_main_trains_and_writes_history(tmp_path, capsys):
     out = tmp_path / "plain"
-    code = main(
-        ["--config", "ring8", "train.steps=4", "eval.every=2", *TINY, "--out", str(out)]
-    )
+    code = main(["--config", "ring8", "train.steps=4", "eval.every=2", *TINY, "--out", str(out)])
     assert code == 0
     history = json.loads((out / "history.json").read_text())
     assert [h["step"] for h in history] == [2, 4]

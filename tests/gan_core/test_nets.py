@@ -40,18 +40,36 @@ def n_params(net: nn.Module) -> int:
 
 
 def bank(out_shape=POINTS, **kw) -> GeneratorBank:
-    args = dict(z_dim=3, count=1, shared=False, arch="mlp", width=16, depth=2,
-                activation="relu", batch_norm=False)
+    args = dict(
+        z_dim=3,
+        count=1,
+        shared=False,
+        arch="mlp",
+        width=16,
+        depth=2,
+        activation="relu",
+        batch_norm=False,
+    )
     return GeneratorBank(out_shape, **{**args, **kw})
 
 
 def disc(in_shape=POINTS, **kw) -> Discriminator:
-    args = dict(out_dim=1, arch="mlp", width=16, depth=2, activation="leaky_relu",
-                maxout_pieces=1, batch_norm=False, minibatch_kernels=0, minibatch_kernel_dims=5)
+    args = dict(
+        out_dim=1,
+        arch="mlp",
+        width=16,
+        depth=2,
+        activation="leaky_relu",
+        maxout_pieces=1,
+        batch_norm=False,
+        minibatch_kernels=0,
+        minibatch_kernel_dims=5,
+    )
     return Discriminator(in_shape, **{**args, **kw})
 
 
 # --- activations and maxout -------------------------------------------------------------------
+
 
 def test_make_activation_values_and_unknown_name():
     x = torch.tensor([-1.0, 2.0])
@@ -75,6 +93,7 @@ def test_maxout_hand_set_weights():
 
 # --- minibatch discrimination -----------------------------------------------------------------
 
+
 def hand_mbd() -> MinibatchDiscrimination:
     mbd = MinibatchDiscrimination(2, kernels=2, kernel_dims=2)
     with torch.no_grad():
@@ -88,11 +107,13 @@ def test_minibatch_discrimination_hand_computed():
     h = torch.tensor([[0.0, 0.0], [1.0, 2.0], [3.0, 0.0]])
     e = math.exp
     # Kernel 0 L1 distances: d01 = 3, d02 = 3, d12 = 4; kernel 1 (values 0, 2, 6): 2, 6, 4.
-    o = torch.tensor([
-        [e(-3) + e(-3), e(-2) + e(-6)],
-        [e(-3) + e(-4), e(-2) + e(-4)],
-        [e(-3) + e(-4), e(-6) + e(-4)],
-    ])
+    o = torch.tensor(
+        [
+            [e(-3) + e(-3), e(-2) + e(-6)],
+            [e(-3) + e(-4), e(-2) + e(-4)],
+            [e(-3) + e(-4), e(-6) + e(-4)],
+        ]
+    )
     out = hand_mbd()(h)
     assert out.shape == (3, 4)
     assert torch.equal(out[:, :2], h)
@@ -150,6 +171,7 @@ def test_discriminator_passes_groups_to_minibatch():
 
 # --- packing ----------------------------------------------------------------------------------
 
+
 def test_pack_samples_groups_consecutive_points():
     x = torch.arange(12.0).view(6, 2)
     packed = pack_samples(x, 3)
@@ -177,6 +199,7 @@ def test_pacgan_discriminator_takes_packed_points():
 
 
 # --- generators -------------------------------------------------------------------------------
+
 
 def test_generator_bank_shapes_for_one_and_four():
     one, four = bank(count=1), bank(count=4)
@@ -238,13 +261,18 @@ def test_presets_express_the_papers_nets():
     d = build_discriminator(load_config("ring8"), POINTS)  # 3 maxout x 200 units x 5 pieces
     maxouts = [m for m in d.modules() if isinstance(m, Maxout)]
     assert [(m.out_features, m.pieces) for m in maxouts] == [(200, 5)] * 3
-    unrolled = ["generators.width=128", "generators.depth=2", "generators.activation=tanh",
-                "generators.batch_norm=false"]
+    unrolled = [
+        "generators.width=128",
+        "generators.depth=2",
+        "generators.activation=tanh",
+        "generators.batch_norm=false",
+    ]
     g2 = build_generator(load_config("ring8", unrolled), POINTS)  # Unrolled GAN: 2 x 128 tanh
     assert count(g2, nn.Tanh) == 2 and count(g2, nn.BatchNorm1d) == 0
 
 
 # --- discriminators ---------------------------------------------------------------------------
+
 
 def test_discriminator_out_dim_one_or_classes_for_madgan():
     x = torch.randn(6, 2)
@@ -274,8 +302,9 @@ def test_autoencoder_energy_is_mean_squared_reconstruction_error():
 
 def test_conv_autoencoder_energy_and_shapes():
     torch.manual_seed(0)
-    ae = AutoencoderDiscriminator((3, 16, 16), arch="dcgan", width=4, depth=3,
-                                  activation="leaky_relu", batch_norm=False)
+    ae = AutoencoderDiscriminator(
+        (3, 16, 16), arch="dcgan", width=4, depth=3, activation="leaky_relu", batch_norm=False
+    )
     x = torch.randn(2, 3, 16, 16)
     energy, code = ae(x)
     recon = ae.decoder(ae.encoder(x))
@@ -284,6 +313,7 @@ def test_conv_autoencoder_energy_and_shapes():
 
 
 # --- DCGAN ------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("side", [8, 16, 32])
 @pytest.mark.parametrize("channels", [1, 3])
@@ -299,8 +329,9 @@ def test_dcgan_shapes(side, channels):
     assert count(d, nn.Conv2d) == steps
     assert d.minibatch.in_features == 4 * 2 ** (steps - 1) * 16
     assert d(out[0].repeat(1, 2, 1, 1)).shape == (3, 1)
-    e = Encoder((channels, side, side), z_dim=5, arch="dcgan", width=4, depth=3,
-                activation="leaky_relu")
+    e = Encoder(
+        (channels, side, side), z_dim=5, arch="dcgan", width=4, depth=3, activation="leaky_relu"
+    )
     assert e(out[1]).shape == (3, 5)
 
 
@@ -322,6 +353,7 @@ def test_dcgan_conv_weights_use_normal_0_02():
 
 # --- presets build and train one step ---------------------------------------------------------
 
+
 def test_encoder_only_for_mrgan():
     assert build_encoder(load_config("ring8"), POINTS) is None
     cfg = load_config("ring8_mrgan")
@@ -338,17 +370,20 @@ def d_score(d: nn.Module, x: torch.Tensor, groups: int = 1) -> torch.Tensor:
     return d(x, groups)[:, 0]
 
 
-@pytest.mark.parametrize("preset, overrides", [
-    ("ring8", []),
-    ("ring8_pacgan", []),
-    ("ring8_minibatch", []),
-    ("ring8_madgan", []),
-    ("ring8_madgan", ["generators.shared=true"]),
-    ("ring8_ebgan", []),
-    ("ring8_mrgan", []),
-    ("digits", []),
-    ("stacked_digits", ["discriminator.pack=2", "discriminator.minibatch.kernels=8"]),
-])
+@pytest.mark.parametrize(
+    "preset, overrides",
+    [
+        ("ring8", []),
+        ("ring8_pacgan", []),
+        ("ring8_minibatch", []),
+        ("ring8_madgan", []),
+        ("ring8_madgan", ["generators.shared=true"]),
+        ("ring8_ebgan", []),
+        ("ring8_mrgan", []),
+        ("digits", []),
+        ("stacked_digits", ["discriminator.pack=2", "discriminator.minibatch.kernels=8"]),
+    ],
+)
 def test_one_d_and_g_step_changes_parameters(preset, overrides):
     torch.manual_seed(0)
     cfg = load_config(preset, overrides)
@@ -363,8 +398,10 @@ def test_one_d_and_g_step_changes_parameters(preset, overrides):
     fake = g(z).flatten(0, 1).detach()
     both = pack_samples(torch.cat([real, fake]), pack)  # [real; fake] in one forward
     scores = d_score(d, both, groups=2)
-    loss = nn.functional.softplus(-scores[: m // pack]).mean() + nn.functional.softplus(
-        scores[m // pack :]).mean()
+    loss = (
+        nn.functional.softplus(-scores[: m // pack]).mean()
+        + nn.functional.softplus(scores[m // pack :]).mean()
+    )
     assert torch.isfinite(loss)
     d_opt.zero_grad()
     loss.backward()

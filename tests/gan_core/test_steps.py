@@ -230,9 +230,10 @@ def test_d_loss_packs_pairs_of_samples():
     critic = Quadratic()
     loss, _ = discriminator_loss(cfg, critic, REAL, FAKE, FAKE_GEN)
     real_packed, fake_packed = REAL.reshape(2, 4), FAKE.reshape(2, 4)
-    expected = -log_sigmoid(d_of(real_packed)).mean() - torch.log(
-        1.0 - torch.sigmoid(d_of(fake_packed))
-    ).mean()
+    expected = (
+        -log_sigmoid(d_of(real_packed)).mean()
+        - torch.log(1.0 - torch.sigmoid(d_of(fake_packed))).mean()
+    )
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     assert torch.equal(critic.calls[0][0], torch.cat([real_packed, fake_packed]))
 
@@ -442,7 +443,10 @@ def test_lr_factor_values():
 @pytest.mark.parametrize("schedule", ["cosine", "linear"])
 def test_schedule_reaches_both_optimizers(schedule):
     cfg = tiny(
-        "ring8", f"train.lr_schedule={schedule}", "train.steps=4", "g_optim.lr=0.01",
+        "ring8",
+        f"train.lr_schedule={schedule}",
+        "train.steps=4",
+        "g_optim.lr=0.01",
         "d_optim.lr=0.003",
     )
     model = make(cfg)

@@ -23,8 +23,13 @@ from services.checkpoints import (
     save_checkpoint,
 )
 
-SMALL = ["train.steps=4", "eval.every=2", "generators.width=16", "discriminator.width=16",
-         "train.ema=0.9"]
+SMALL = [
+    "train.steps=4",
+    "eval.every=2",
+    "generators.width=16",
+    "discriminator.width=16",
+    "train.ema=0.9",
+]
 
 
 def _cfg(*extra: str) -> GanConfig:
@@ -70,8 +75,12 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     save_checkpoint(folder, saved_state, cfg, {"d_loss": 0.5, "modes": float("nan")})
     # Nothing between save and this step touches any RNG, so this is "continuing the original".
     next_metrics = run.train_step()
-    return {"cfg": cfg, "folder": folder, "next_metrics": next_metrics,
-            "next_state": run.state_dict()}
+    return {
+        "cfg": cfg,
+        "folder": folder,
+        "next_metrics": next_metrics,
+        "next_state": run.state_dict(),
+    }
 
 
 def test_resume_is_bit_identical(trained: dict) -> None:
@@ -91,8 +100,7 @@ def test_resume_is_bit_identical(trained: dict) -> None:
 
 def test_files_and_meta(trained: dict) -> None:
     folder = trained["folder"]
-    assert sorted(p.name for p in folder.iterdir()) == sorted([STATE_FILE, CONFIG_FILE,
-                                                                META_FILE])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([STATE_FILE, CONFIG_FILE, META_FILE])
     meta = json.loads((folder / META_FILE).read_text())
     # NaN is not JSON: it is stored as null so strict readers can parse the file.
     assert meta == {"step": 2, "metrics": {"d_loss": 0.5, "modes": None}, "format": 1}
@@ -224,6 +232,7 @@ def test_overwrite_is_atomic(trained: dict, tmp_path: Path) -> None:
     state = load_checkpoint(trained["folder"], cfg)
     save_checkpoint(tmp_path, state, cfg, {"d_loss": 1.0})
     save_checkpoint(tmp_path, state, cfg, {"d_loss": 2.0})
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([STATE_FILE, CONFIG_FILE,
-                                                                 META_FILE])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [STATE_FILE, CONFIG_FILE, META_FILE]
+    )
     assert json.loads((tmp_path / META_FILE).read_text())["metrics"] == {"d_loss": 2.0}

@@ -35,8 +35,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _state(ray_tmpdir: str = "") -> dict:
-    return {"ports": {"s3": 9100, "mlflow": 5100, "dashboard": 8300, "gcs": 40000},
-            "bucket": "gans", "ray_tmpdir": ray_tmpdir, "processes": {}}
+    return {
+        "ports": {"s3": 9100, "mlflow": 5100, "dashboard": 8300, "gcs": 40000},
+        "bucket": "gans",
+        "ray_tmpdir": ray_tmpdir,
+        "processes": {},
+    }
 
 
 def test_client_env_and_submit_line() -> None:
@@ -54,8 +58,15 @@ def test_client_env_and_submit_line() -> None:
 
     words = shlex.split(submit_line(_state("/tmp/rg1")))
     assert words[:6] == ["ray", "job", "submit", "--working-dir", ".", "--runtime-env-json"]
-    assert words[7:] == ["--", "python", "-m", "services.train", "--config", "ring8",
-                         "storage.uri=s3://gans/runs"]
+    assert words[7:] == [
+        "--",
+        "python",
+        "-m",
+        "services.train",
+        "--config",
+        "ring8",
+        "storage.uri=s3://gans/runs",
+    ]
     # The job gets the storage and tracking endpoints; Ray's own client settings stay local.
     job_env = json.loads(words[6])["env_vars"]
     assert job_env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9100"
@@ -75,9 +86,11 @@ def test_up_refuses_a_busy_port_before_starting_anything(tmp_path: Path) -> None
 
 def _python_group(tmp_path: Path, name: str, prelude: str = "") -> dict:
     """A process group like a service's: a leader running ``prelude`` and one sleeping child."""
-    code = (prelude + "import subprocess, sys, time; "
-            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
-            "time.sleep(60)")
+    code = (
+        prelude + "import subprocess, sys, time; "
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        "time.sleep(60)"
+    )
     logs = tmp_path / "logs"
     logs.mkdir(exist_ok=True)
     entry = _spawn(name, [sys.executable, "-c", code], dict(os.environ), logs)
@@ -117,8 +130,14 @@ def test_stop_leaves_a_reused_pid_alone() -> None:
 
 
 def _stack(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "deploy.local.stack", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=180)
+    return subprocess.run(
+        [sys.executable, "-m", "deploy.local.stack", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
 
 
 def _get(url: str, token: str | None = None) -> tuple[int, str]:
@@ -136,30 +155,44 @@ def test_up_status_down(tmp_path: Path) -> None:
 
     # Ray's socket paths live under RAY_TMPDIR and must stay under 108 bytes: keep it short.
     ray_tmp = tempfile.mkdtemp(prefix="rg", dir="/tmp")
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_", "AWS_", "MLFLOW_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "MLFLOW_"))}
     env.update(HOME=str(tmp_path / "home"), RAY_TMPDIR=ray_tmp, AWS_EC2_METADATA_DISABLED="true")
     s3, mlflow_port, dashboard = free_port(), free_port(), free_port()
     stack_dir = tmp_path / "stack"
     flags = ["--dir", str(stack_dir)]
     try:
-        started = _stack(["up", *flags, "--s3-port", str(s3), "--mlflow-port", str(mlflow_port),
-                          "--dashboard-port", str(dashboard)], env)
+        started = _stack(
+            [
+                "up",
+                *flags,
+                "--s3-port",
+                str(s3),
+                "--mlflow-port",
+                str(mlflow_port),
+                "--dashboard-port",
+                str(dashboard),
+            ],
+            env,
+        )
         assert started.returncode == 0, started.stderr[-3000:]
         out = started.stdout
         assert f"export AWS_ENDPOINT_URL=http://127.0.0.1:{s3}" in out
         assert f"export MLFLOW_TRACKING_URI=http://127.0.0.1:{mlflow_port}" in out
         assert f"export RAY_ADDRESS=http://127.0.0.1:{dashboard}" in out
         assert f"export RAY_TMPDIR={ray_tmp}" in out
-        assert "ray job submit --working-dir . --runtime-env-json '{\"env_vars\": {" in out
+        assert 'ray job submit --working-dir . --runtime-env-json \'{"env_vars": {' in out
         state = json.loads((stack_dir / "stack.json").read_text())
         pids = {name: entry["pid"] for name, entry in state["processes"].items()}
         assert sorted(pids) == ["mlflow", "ray", "s3"]
         assert (stack_dir / ".gitignore").read_text() == "*\n"
 
-        s3_client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{s3}",
-                                 aws_access_key_id="testing", aws_secret_access_key="testing",
-                                 region_name="us-east-1")
+        s3_client = boto3.client(
+            "s3",
+            endpoint_url=f"http://127.0.0.1:{s3}",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
         assert s3_client.head_bucket(Bucket="raygan")["ResponseMetadata"]["HTTPStatusCode"] == 200
         assert _get(f"http://127.0.0.1:{mlflow_port}/health") == (200, "OK")
         # Token auth is on: the job API refuses a request without the token from $HOME/.ray.
@@ -168,8 +201,13 @@ def test_up_status_down(tmp_path: Path) -> None:
         assert _get(f"http://127.0.0.1:{dashboard}/api/jobs/", token) == (200, "[]")
         # ... and the `ray job` CLI works with exactly the printed environment.
         ray_env = {**env, "RAY_ADDRESS": f"http://127.0.0.1:{dashboard}", "RAY_AUTH_MODE": "token"}
-        listed = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "list"],
-                                env=ray_env, capture_output=True, text=True, timeout=60)
+        listed = subprocess.run(
+            [str(Path(sys.executable).parent / "ray"), "job", "list"],
+            env=ray_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert listed.returncode == 0, listed.stderr[-2000:]
         _submit_a_gan_job(ray_env, state, s3_client, mlflow_port)
 
@@ -197,22 +235,50 @@ def _submit_a_gan_job(ray_env: dict, state: dict, s3_client, mlflow_port: int) -
     import mlflow
 
     job_env = json.loads(shlex.split(submit_line(state))[6])
-    overrides = ["name=submitted", "storage.uri=s3://raygan/runs", "train.steps=20",
-                 "eval.every=10", "checkpoint.every=10", "eval.samples=400",
-                 "generators.width=32", "generators.depth=2", "discriminator.width=32",
-                 "discriminator.maxout_pieces=1", "train.batch_size=32",
-                 "resources.num_workers=2"]
+    overrides = [
+        "name=submitted",
+        "storage.uri=s3://raygan/runs",
+        "train.steps=20",
+        "eval.every=10",
+        "checkpoint.every=10",
+        "eval.samples=400",
+        "generators.width=32",
+        "generators.depth=2",
+        "discriminator.width=32",
+        "discriminator.maxout_pieces=1",
+        "train.batch_size=32",
+        "resources.num_workers=2",
+    ]
     submitted = subprocess.run(
-        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--working-dir", str(REPO),
-         "--runtime-env-json", json.dumps(job_env), "--", "python", "-m", "services.train",
-         "--config", "ring8", *overrides],
-        env=ray_env, capture_output=True, text=True, timeout=300, cwd=REPO,
+        [
+            str(Path(sys.executable).parent / "ray"),
+            "job",
+            "submit",
+            "--working-dir",
+            str(REPO),
+            "--runtime-env-json",
+            json.dumps(job_env),
+            "--",
+            "python",
+            "-m",
+            "services.train",
+            "--config",
+            "ring8",
+            *overrides,
+        ],
+        env=ray_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
     )
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     assert "[raygan] done: 20 steps" in submitted.stdout
     assert "[raygan] step 10/20" in submitted.stdout, "progress lines reach `ray job` output"
-    keys = [o["Key"] for o in
-            s3_client.list_objects_v2(Bucket="raygan", Prefix="runs/submitted/")["Contents"]]
+    keys = [
+        o["Key"]
+        for o in s3_client.list_objects_v2(Bucket="raygan", Prefix="runs/submitted/")["Contents"]
+    ]
     assert "runs/submitted/samples/step_0000020.png" in keys
     assert any(k.endswith("/state.pt") for k in keys)
     client = mlflow.MlflowClient(f"http://127.0.0.1:{mlflow_port}")

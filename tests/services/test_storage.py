@@ -45,8 +45,11 @@ def test_local_round_trip(tmp_path: Path) -> None:
     assert storage.read_bytes("ring8/grid.png") == b"png"
     assert storage.exists("ring8/grid.png") and storage.exists("ring8")
     assert not storage.exists("ring8/missing.png")
-    assert storage.list() == ["other/notes.txt", "ring8/checkpoint_000001/state.pt",
-                              "ring8/grid.png"]
+    assert storage.list() == [
+        "other/notes.txt",
+        "ring8/checkpoint_000001/state.pt",
+        "ring8/grid.png",
+    ]
     assert storage.list("ring8") == ["checkpoint_000001/state.pt", "grid.png"]
     assert storage.list("nothing-here") == []
     assert storage.run_uri("ring8") == f"{tmp_path}/runs/ring8"
@@ -60,8 +63,9 @@ def test_local_overwrite_leaves_no_temp_files(tmp_path: Path) -> None:
     assert os.listdir(tmp_path / "a") == ["meta.json"]
 
 
-def test_local_relative_uri_is_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                                             ) -> None:
+def test_local_relative_uri_is_made_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     storage = open_storage(StorageConfig(uri="./runs/"))
     assert storage.uri == str(tmp_path / "runs")
@@ -85,8 +89,18 @@ def test_local_folder_that_is_a_file_is_refused(tmp_path: Path) -> None:
         open_storage(StorageConfig(uri=str(blocker)))
 
 
-@pytest.mark.parametrize("uri", ["s3:/x", "s3://", "s3:///prefix", "gs://bucket/runs",
-                                 "S3://bucket", "https://example.com/runs", ""])
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "s3:/x",
+        "s3://",
+        "s3:///prefix",
+        "gs://bucket/runs",
+        "S3://bucket",
+        "https://example.com/runs",
+        "",
+    ],
+)
 def test_malformed_uris_name_the_allowed_forms(uri: str) -> None:
     with pytest.raises(StorageError) as err:
         open_storage(StorageConfig(uri=uri))
@@ -133,13 +147,16 @@ def test_s3_round_trip_is_visible_to_boto3(s3_env: str, s3_bucket: str) -> None:
     client = boto3.client("s3", endpoint_url=s3_env, region_name="us-east-1")
     listed = client.list_objects_v2(Bucket=s3_bucket, Prefix="pre/")
     assert sorted(o["Key"] for o in listed["Contents"]) == [
-        "pre/ring8/checkpoint_000001/state.pt", "pre/ring8/grid.png"]
+        "pre/ring8/checkpoint_000001/state.pt",
+        "pre/ring8/grid.png",
+    ]
     body = client.get_object(Bucket=s3_bucket, Key="pre/ring8/grid.png")["Body"].read()
     assert body == b"png"
 
 
-def test_s3_endpoint_from_environment(s3_env: str, s3_bucket: str,
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_s3_endpoint_from_environment(
+    s3_env: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_env)
     storage = open_storage(StorageConfig(uri=f"s3://{s3_bucket}"))
     assert storage.root == s3_bucket

@@ -88,8 +88,12 @@ def test_params_tags_and_no_secret(store: tuple[Path, str]) -> None:
     assert tags["raygan.version.mlflow"] == mlflow.__version__
     assert tags["raygan.version.torch"].startswith("2.")
     assert tags["raygan.version.ray"].count(".") == 2
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(tracking.__file__).parent,
-                          capture_output=True, text=True)
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"],
+        cwd=Path(tracking.__file__).parent,
+        capture_output=True,
+        text=True,
+    )
     assert tags["mlflow.source.git.commit"] == (head.stdout.strip() or "unknown")
     everything = " ".join([*run.data.params, *run.data.params.values(), *tags, *tags.values()])
     assert PLANTED not in everything
@@ -104,14 +108,18 @@ def test_secret_keys_dropped_and_values_redacted(
     store: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _, uri = store
-    monkeypatch.setattr(tracking, "flatten", lambda cfg: {
-        "train.steps": 10,
-        "storage.secret_access_key": PLANTED,
-        "db.Password": "hunter2",
-        "api.token": "t",
-        "aws.credentials_file": "/c",
-        "storage.endpoint": f"http://user:{PLANTED}@s3.example",
-    })
+    monkeypatch.setattr(
+        tracking,
+        "flatten",
+        lambda cfg: {
+            "train.steps": 10,
+            "storage.secret_access_key": PLANTED,
+            "db.Password": "hunter2",
+            "api.token": "t",
+            "aws.credentials_file": "/c",
+            "storage.endpoint": f"http://user:{PLANTED}@s3.example",
+        },
+    )
     # services.storage (written elsewhere) provides redact(); stand in for it here.
     fake = types.ModuleType("services.storage")
     fake.redact = lambda text: text.replace(PLANTED, "***")
@@ -120,7 +128,10 @@ def test_secret_keys_dropped_and_values_redacted(
     tracker = Tracker(_cfg("redact-run", "redact"), f"s3://k:{PLANTED}@b/runs", tracking_uri=uri)
     run = mlflow.MlflowClient(uri).get_run(tracker.run_id)
 
-    assert run.data.params == {"train.steps": "10", "storage.endpoint": "http://user:***@s3.example"}
+    assert run.data.params == {
+        "train.steps": "10",
+        "storage.endpoint": "http://user:***@s3.example",
+    }
     assert run.data.tags["raygan.storage_uri"] == "s3://k:***@b/runs"
     tracker.finish()
 
@@ -131,8 +142,17 @@ def test_metrics_by_step_and_filtering(store: tuple[Path, str]) -> None:
     _, uri = store
     tracker = Tracker(_cfg("metrics-run", "metrics"), "runs", tracking_uri=uri)
     tracker.log_metrics({"loss": 1.5, "modes": 8, "hq": np.float32(0.25)}, step=0)
-    tracker.log_metrics({"loss": 0.75, "modes": 7, "nan": float("nan"), "inf": float("inf"),
-                         "text": "x", "none": None}, step=10)
+    tracker.log_metrics(
+        {
+            "loss": 0.75,
+            "modes": 7,
+            "nan": float("nan"),
+            "inf": float("inf"),
+            "text": "x",
+            "none": None,
+        },
+        step=10,
+    )
     client = mlflow.MlflowClient(uri)
 
     assert _history(client, tracker.run_id, "loss") == [(0, 1.5), (10, 0.75)]
@@ -192,8 +212,12 @@ def test_resume_continues_the_same_run(
     assert client.get_run(first.run_id).info.status == "KILLED"
 
     caplog.set_level(logging.WARNING, "raygan.tracking")
-    second = Tracker(_cfg("resume-run", "resume", "train.steps=9000"), "runs",
-                     run_id=first.run_id, tracking_uri=uri)
+    second = Tracker(
+        _cfg("resume-run", "resume", "train.steps=9000"),
+        "runs",
+        run_id=first.run_id,
+        tracking_uri=uri,
+    )
     assert second.run_id == first.run_id
     assert client.get_run(first.run_id).info.status == "RUNNING"
     second.log_metrics({"loss": 0.25}, step=2)
@@ -246,8 +270,13 @@ def fast_failing_http(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_unreachable_server_buffers_within_a_bound(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, "raygan.tracking")
     uri = f"http://127.0.0.1:{_closed_port()}"
-    tracker = Tracker(_cfg("bound-run", "outage"), "runs", tracking_uri=uri,
-                      max_buffered_points=5, retry_interval_s=0)
+    tracker = Tracker(
+        _cfg("bound-run", "outage"),
+        "runs",
+        tracking_uri=uri,
+        max_buffered_points=5,
+        retry_interval_s=0,
+    )
     for step in range(4):
         tracker.log_metrics({"a": float(step), "b": -float(step)}, step=step)
 
@@ -255,7 +284,11 @@ def test_unreachable_server_buffers_within_a_bound(caplog: pytest.LogCaptureFixt
     assert tracker.pending["metric_points"] == 5
     # The oldest points went first: of steps 0-3 (8 points) the newest 5 are left.
     assert [(m.key, m.step) for m in tracker._metrics] == [
-        ("b", 1), ("a", 2), ("b", 2), ("a", 3), ("b", 3)
+        ("b", 1),
+        ("a", 2),
+        ("b", 2),
+        ("a", 3),
+        ("b", 3),
     ]
     unreachable, full = _tracking_records(caplog, logging.WARNING)
     assert uri in unreachable.getMessage() and "unreachable" in unreachable.getMessage()
@@ -267,12 +300,17 @@ def test_unreachable_server_buffers_within_a_bound(caplog: pytest.LogCaptureFixt
 
 @pytest.mark.usefixtures("fast_failing_http")
 def test_retries_are_spaced_but_flush_retries_now(monkeypatch: pytest.MonkeyPatch) -> None:
-    tracker = Tracker(_cfg("spaced-run", "outage"), "runs",
-                      tracking_uri=f"http://127.0.0.1:{_closed_port()}", retry_interval_s=3600)
+    tracker = Tracker(
+        _cfg("spaced-run", "outage"),
+        "runs",
+        tracking_uri=f"http://127.0.0.1:{_closed_port()}",
+        retry_interval_s=3600,
+    )
     calls = []
     real = tracker._client.get_experiment_by_name
-    monkeypatch.setattr(tracker._client, "get_experiment_by_name",
-                        lambda name: calls.append(name) or real(name))
+    monkeypatch.setattr(
+        tracker._client, "get_experiment_by_name", lambda name: calls.append(name) or real(name)
+    )
     tracker.log_metrics({"a": 1.0}, step=0)
     tracker.set_tags({"k": "v"})
     assert calls == []
@@ -284,10 +322,25 @@ def _start_mlflow_server(port: int, db_uri: str, artifacts: Path, log: Path) -> 
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", db_uri,
-             "--artifacts-destination", str(artifacts), "--serve-artifacts",
-             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            [
+                str(Path(sys.executable).parent / "mlflow"),
+                "server",
+                "--backend-store-uri",
+                db_uri,
+                "--artifacts-destination",
+                str(artifacts),
+                "--serve-artifacts",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

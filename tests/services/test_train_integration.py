@@ -19,9 +19,15 @@ from services import train
 pytestmark = pytest.mark.integration
 
 TINY = [
-    "generators.width=32", "generators.depth=2", "discriminator.width=32",
-    "discriminator.maxout_pieces=1", "train.batch_size=32", "eval.samples=400",
-    "eval.every=10", "checkpoint.every=10", "resources.num_workers=2",
+    "generators.width=32",
+    "generators.depth=2",
+    "discriminator.width=32",
+    "discriminator.maxout_pieces=1",
+    "train.batch_size=32",
+    "eval.samples=400",
+    "eval.every=10",
+    "checkpoint.every=10",
+    "resources.num_workers=2",
 ]
 
 
@@ -33,14 +39,23 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
     root = tmp_path_factory.mktemp("ray")
     saved = dict(os.environ)
-    os.environ.update({
-        "RAY_TMPDIR": str(root), "HOME": str(root), "AWS_ACCESS_KEY_ID": "testing-key-id",
-        "AWS_SECRET_ACCESS_KEY": "testing-secret-key-0123456789",
-        "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-    })
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=True,
-             dashboard_host="127.0.0.1",
-             _temp_dir=str(root / "t"))
+    os.environ.update(
+        {
+            "RAY_TMPDIR": str(root),
+            "HOME": str(root),
+            "AWS_ACCESS_KEY_ID": "testing-key-id",
+            "AWS_SECRET_ACCESS_KEY": "testing-secret-key-0123456789",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+    )
+    ray.init(
+        num_cpus=2,
+        _node_ip_address="127.0.0.1",
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        _temp_dir=str(root / "t"),
+    )
     try:
         yield root
     finally:
@@ -55,23 +70,38 @@ def _mlflow_history(uri: str, run_id: str, key: str) -> list[int]:
 
 
 def test_two_worker_job_on_s3_survives_a_crash_and_resumes(
-    ray_cluster: Path, s3_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    ray_cluster: Path,
+    s3_server: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     bucket = "raygan-it"
-    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1",
-                      aws_access_key_id="k", aws_secret_access_key="s")
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=s3_server,
+        region_name="us-east-1",
+        aws_access_key_id="k",
+        aws_secret_access_key="s",
+    )
     s3.create_bucket(Bucket=bucket)
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    common = [*TINY, f"storage.uri=s3://{bucket}/runs", f"storage.endpoint={s3_server}",
-              f"tracking.uri={tracking}", "name=it-s3", "resources.max_failures=2"]
+    common = [
+        *TINY,
+        f"storage.uri=s3://{bucket}/runs",
+        f"storage.endpoint={s3_server}",
+        f"tracking.uri={tracking}",
+        "name=it-s3",
+        "resources.max_failures=2",
+    ]
     # Rank 1 raises once at step 15: the group restarts from the step-10 checkpoint.
     monkeypatch.setenv("RAYGAN_FAIL_AT_STEP", "15")
     monkeypatch.setenv("RAYGAN_FAULT_RANK", "1")
     monkeypatch.setenv("RAYGAN_FAULT_DIR", str(tmp_path))
     summary_path = tmp_path / "summary.json"
-    rc = train.main(["--config", "ring8", *common, "train.steps=30",
-                     "--summary-json", str(summary_path)])
+    rc = train.main(
+        ["--config", "ring8", *common, "train.steps=30", "--summary-json", str(summary_path)]
+    )
     assert rc == 0
     assert (tmp_path / "fault_15").exists(), "the fault never fired: the test proves nothing"
     summary = json.loads(summary_path.read_text())
@@ -100,8 +130,9 @@ def test_two_worker_job_on_s3_survives_a_crash_and_resumes(
     # Rerunning the same name resumes it (longer budget), hard-killing a worker on the way.
     monkeypatch.setenv("RAYGAN_FAIL_AT_STEP", "35")
     monkeypatch.setenv("RAYGAN_FAULT_KIND", "exit")
-    rc = train.main(["--config", "ring8", *common, "train.steps=50",
-                     "--summary-json", str(summary_path)])
+    rc = train.main(
+        ["--config", "ring8", *common, "train.steps=50", "--summary-json", str(summary_path)]
+    )
     assert rc == 0
     assert (tmp_path / "fault_35").exists()
     out = capsys.readouterr().out
@@ -114,15 +145,44 @@ def test_two_worker_job_on_s3_survives_a_crash_and_resumes(
 
 def test_local_backend_matches_the_loop_and_resumes(tmp_path: Path) -> None:
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    common = [*TINY, "resources.backend=local", f"storage.uri={tmp_path / 'runs'}",
-              f"tracking.uri={tracking}", "name=local-run"]
-    assert train.main(["--config", "ring8", *common, "train.steps=20", "--quiet",
-                       "--summary-json", str(tmp_path / "a.json")]) == 0
+    common = [
+        *TINY,
+        "resources.backend=local",
+        f"storage.uri={tmp_path / 'runs'}",
+        f"tracking.uri={tracking}",
+        "name=local-run",
+    ]
+    assert (
+        train.main(
+            [
+                "--config",
+                "ring8",
+                *common,
+                "train.steps=20",
+                "--quiet",
+                "--summary-json",
+                str(tmp_path / "a.json"),
+            ]
+        )
+        == 0
+    )
     first = json.loads((tmp_path / "a.json").read_text())
     assert first["steps"] == 20 and first["num_workers"] == 1
     assert (tmp_path / "runs" / "local-run" / "samples" / "step_0000020.png").is_file()
-    assert train.main(["--config", "ring8", *common, "train.steps=30", "--quiet",
-                       "--summary-json", str(tmp_path / "b.json")]) == 0
+    assert (
+        train.main(
+            [
+                "--config",
+                "ring8",
+                *common,
+                "train.steps=30",
+                "--quiet",
+                "--summary-json",
+                str(tmp_path / "b.json"),
+            ]
+        )
+        == 0
+    )
     second = json.loads((tmp_path / "b.json").read_text())
     assert second["steps"] == 30
     assert second["mlflow_run_id"] == first["mlflow_run_id"]
@@ -133,7 +193,11 @@ def test_bad_config_is_refused_before_ray_starts(tmp_path: Path) -> None:
     env = {**os.environ, "RAY_TMPDIR": str(tmp_path / "ray"), "HOME": str(tmp_path)}
     proc = subprocess.run(
         [sys.executable, "-m", "services.train", "--config", "ring8", "unroll.steps=-3"],
-        capture_output=True, text=True, env=env, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == 2
     assert "unroll.steps=-3" in proc.stderr and ">= 0" in proc.stderr
@@ -141,6 +205,13 @@ def test_bad_config_is_refused_before_ray_starts(tmp_path: Path) -> None:
 
 
 def test_missing_bucket_is_refused_with_its_uri(s3_env: str, tmp_path: Path) -> None:
-    rc = train.main(["--config", "ring8", "storage.uri=s3://no-such-bucket/x",
-                     f"storage.endpoint={s3_env}", "resources.backend=local"])
+    rc = train.main(
+        [
+            "--config",
+            "ring8",
+            "storage.uri=s3://no-such-bucket/x",
+            f"storage.endpoint={s3_env}",
+            "resources.backend=local",
+        ]
+    )
     assert rc == 2
