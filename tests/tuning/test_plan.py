@@ -18,37 +18,45 @@ def storage_args(tmp_path: Path) -> list[str]:
 
 
 def test_base_is_preset_then_space_fixed_then_overrides_then_workers(tmp_path: Path) -> None:
-    plan, storage = make_plan("g", "generators", "ring8", storage_args(tmp_path),
-                              workers_per_trial=2)
+    plan, storage = make_plan(
+        "g", "generators", "ring8", storage_args(tmp_path), workers_per_trial=2
+    )
     assert plan.base["train.batch_size"] == 96  # the space's fixed value over ring8's 100
     assert plan.base["resources.num_workers"] == 2
     assert plan.base["g_optim.lr"] == 2.0e-3  # from the preset
     assert storage.uri == str(tmp_path / "runs")
     assert plan.tracking_uri == f"sqlite:///{tmp_path / 'runs'}/mlflow.db"
-    plan, _ = make_plan("g", "generators", "ring8", [*storage_args(tmp_path),
-                                                     "train.batch_size=64"])
+    plan, _ = make_plan(
+        "g", "generators", "ring8", [*storage_args(tmp_path), "train.batch_size=64"]
+    )
     assert plan.base["train.batch_size"] == 64  # the user's override wins over fixed
     assert plan.trials == 4
 
 
 def test_trial_config_is_base_plus_knobs(tmp_path: Path) -> None:
     plan, _ = make_plan("c", "collapse", "ring8", storage_args(tmp_path))
-    cfg = plan.trial_config({"unroll.steps": 5, "generators.count": 4,
-                             "discriminator.minibatch.kernels": 32})
+    cfg = plan.trial_config(
+        {"unroll.steps": 5, "generators.count": 4, "discriminator.minibatch.kernels": 32}
+    )
     assert (cfg.unroll.steps, cfg.generators.count, cfg.discriminator.minibatch.kernels) == (
-        5, 4, 32)
+        5,
+        4,
+        32,
+    )
     assert cfg.train.batch_size == 96 and cfg.discriminator.maxout_pieces == 5
 
 
 def test_max_reports_is_a_full_trials_evaluations(tmp_path: Path) -> None:
-    plan, _ = make_plan("u", "unroll", "ring8",
-                        [*storage_args(tmp_path), "train.steps=45", "eval.every=10"])
+    plan, _ = make_plan(
+        "u", "unroll", "ring8", [*storage_args(tmp_path), "train.steps=45", "eval.every=10"]
+    )
     assert plan.max_reports == 5  # evaluations at 10, 20, 30, 40 and the last step, 45
 
 
 def test_pbt_checkpoints_every_report_and_needs_mutable_keys(tmp_path: Path) -> None:
-    plan, _ = make_plan("p", "lr", "ring8", [*storage_args(tmp_path), "eval.every=250"],
-                        scheduler="pbt")
+    plan, _ = make_plan(
+        "p", "lr", "ring8", [*storage_args(tmp_path), "eval.every=250"], scheduler="pbt"
+    )
     assert plan.base["checkpoint.every"] == 250  # PBT clones a trial at its latest report
     with pytest.raises(ConfigError) as err:
         make_plan("p", "unroll", "ring8", storage_args(tmp_path), scheduler="pbt")
@@ -83,12 +91,21 @@ def test_bad_name_and_unscorable_data_are_refused(tmp_path: Path) -> None:
         make_plan("a/b", "unroll", "ring8", storage_args(tmp_path))
     assert err.value.key == "--name"
     with pytest.raises(ConfigError) as err:
-        make_plan("s", "unroll", "ring8", [*storage_args(tmp_path), "data.name=parquet",
-                                           "data.path=/data/points.parquet"])
+        make_plan(
+            "s",
+            "unroll",
+            "ring8",
+            [*storage_args(tmp_path), "data.name=parquet", "data.path=/data/points.parquet"],
+        )
     assert err.value.key == "--metric" and "Parquet" in err.value.allowed
-    plan, _ = make_plan("s", "unroll", "ring8", [*storage_args(tmp_path), "data.name=parquet",
-                                                 "data.path=/data/points.parquet"],
-                        metric="d_loss", mode="min")
+    plan, _ = make_plan(
+        "s",
+        "unroll",
+        "ring8",
+        [*storage_args(tmp_path), "data.name=parquet", "data.path=/data/points.parquet"],
+        metric="d_loss",
+        mode="min",
+    )
     assert (plan.metric, plan.mode) == ("d_loss", "min")
 
 
@@ -99,8 +116,9 @@ def test_bad_override_fails_under_its_own_name(tmp_path: Path) -> None:
 
 
 def test_plan_round_trips_and_is_found_again(tmp_path: Path) -> None:
-    plan, storage = make_plan("rt", "lr", "ring8", storage_args(tmp_path), scheduler="pbt",
-                              num_samples=3, pbt_synch=True)
+    plan, storage = make_plan(
+        "rt", "lr", "ring8", storage_args(tmp_path), scheduler="pbt", num_samples=3, pbt_synch=True
+    )
     plan.parent_run_id = "abc123"
     save_plan(storage, plan)
     again = load_plan(storage, "rt")
@@ -124,8 +142,9 @@ def test_cli_refuses_to_overwrite_and_resumes_by_name(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         plan_from_args(_args(argv))
     assert err.value.key == "--name" and "--resume" in err.value.allowed
-    resumed, _ = plan_from_args(_args(["--name", "unroll-fifo", "--resume",
-                                       *storage_args(tmp_path)]))
+    resumed, _ = plan_from_args(
+        _args(["--name", "unroll-fifo", "--resume", *storage_args(tmp_path)])
+    )
     assert resumed == plan
     with pytest.raises(ConfigError):
         plan_from_args(_args(["--resume", *storage_args(tmp_path)]))

@@ -48,8 +48,24 @@ def test_collapse_is_the_full_4x4x4_grid() -> None:
     assert len(points) == 64 == trial_count(space, 1)
     assert trial_count(space, 3) == 192  # Tune repeats the grid num_samples times
     assert len({tuple(p.items()) for p in points}) == 64
-    assert {"unroll.steps": 10, "generators.count": 8,
-            "discriminator.minibatch.kernels": 100} in points
+    assert points[:2] == [  # Tune's order: the first key in sorted order varies fastest
+        {"unroll.steps": 0, "generators.count": 1, "discriminator.minibatch.kernels": 0},
+        {"unroll.steps": 0, "generators.count": 1, "discriminator.minibatch.kernels": 8},
+    ]
+    assert points[-1] == {
+        "unroll.steps": 10,
+        "generators.count": 8,
+        "discriminator.minibatch.kernels": 100,
+    }
+
+
+def test_grid_points_follow_tunes_trial_order() -> None:
+    from ray.tune.search.variant_generator import generate_variants
+
+    for name in ("collapse", "unroll"):
+        space = load_space(name)
+        tune_order = [variant for _, variant in generate_variants(tune_param_space(space))]
+        assert tune_order == grid_points(space)
 
 
 def test_single_knob_spaces() -> None:
@@ -59,8 +75,11 @@ def test_single_knob_spaces() -> None:
 
 
 def test_a_space_file_by_path_with_kernel_dims_tuned(tmp_path: Path) -> None:
-    path = write_space(tmp_path, "grid:\n  discriminator.minibatch.kernels: [8, 32]\n"
-                                 "  discriminator.minibatch.kernel_dims: [3, 5, 8]\n")
+    path = write_space(
+        tmp_path,
+        "grid:\n  discriminator.minibatch.kernels: [8, 32]\n"
+        "  discriminator.minibatch.kernel_dims: [3, 5, 8]\n",
+    )
     space = load_space(path)
     assert space.name == "space" and space.source == path
     assert len(grid_points(validate_space(space, RING8))) == 6
@@ -81,19 +100,35 @@ def test_the_failing_combination_is_named(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "key", "value", "allowed_part"),
     [
-        ("grid:\n  unroll.stepz: [0, 1]\n", "unroll.stepz", [0, 1],
-         "known under 'unroll': second_order, steps"),
+        (
+            "grid:\n  unroll.stepz: [0, 1]\n",
+            "unroll.stepz",
+            [0, 1],
+            "known under 'unroll': second_order, steps",
+        ),
         ("grid:\n  unrol.steps: [0, 1]\n", "unrol.steps", [0, 1], "known at the top level"),
         ("grid:\n  unroll.steps: []\n", "unroll.steps", [], "a non-empty list of values"),
         ("grid:\n  unroll.steps: 5\n", "unroll.steps", 5, "a non-empty list of values"),
         ("grid:\n  unroll.steps: [0, many]\n", "unroll.steps", "many", "a value of type int"),
         ("grd:\n  unroll.steps: [0]\n", "grd", {"unroll.steps": [0]}, "a section: description"),
-        ("sample:\n  g_optim.lr: {lognormal: [1, 2]}\n", "g_optim.lr", {"lognormal": [1, 2]},
-         "one of {uniform"),
-        ("sample:\n  g_optim.lr: {loguniform: [0, 1]}\n", "g_optim.lr", {"loguniform": [0, 1]},
-         "low > 0"),
-        ("sample:\n  g_optim.lr: {uniform: [0.1]}\n", "g_optim.lr", {"uniform": [0.1]},
-         "uniform: [low, high]"),
+        (
+            "sample:\n  g_optim.lr: {lognormal: [1, 2]}\n",
+            "g_optim.lr",
+            {"lognormal": [1, 2]},
+            "one of {uniform",
+        ),
+        (
+            "sample:\n  g_optim.lr: {loguniform: [0, 1]}\n",
+            "g_optim.lr",
+            {"loguniform": [0, 1]},
+            "low > 0",
+        ),
+        (
+            "sample:\n  g_optim.lr: {uniform: [0.1]}\n",
+            "g_optim.lr",
+            {"uniform": [0.1]},
+            "uniform: [low, high]",
+        ),
         ("fixed:\n  train.batch_size: 64\n", "grid", {}, "at least one knob"),
         ("grid:\n  g_optim.lr: [-0.1]\n", "g_optim.lr", -0.1, "> 0"),
     ],
@@ -120,8 +155,11 @@ def test_unknown_space_name_lists_the_named_spaces() -> None:
 
 def test_values_get_their_config_types(tmp_path: Path) -> None:
     # YAML 1.1 reads 1.0e30 (no exponent sign) as a string; trials must get a float.
-    path = write_space(tmp_path, "grid:\n  g_optim.lr: [2.0e-3, 1.0e30]\n  unroll.steps: ['5']\n"
-                                 "mutations:\n  d_optim.lr: {choice: [1e-3, 2.0e-3]}\n")
+    path = write_space(
+        tmp_path,
+        "grid:\n  g_optim.lr: [2.0e-3, 1.0e30]\n  unroll.steps: ['5']\n"
+        "mutations:\n  d_optim.lr: {choice: [1e-3, 2.0e-3]}\n",
+    )
     raw = load_space(path)
     assert raw.grid["g_optim.lr"] == [0.002, "1.0e30"]
     space = validate_space(raw, RING8)
@@ -130,8 +168,11 @@ def test_values_get_their_config_types(tmp_path: Path) -> None:
 
 
 def test_distribution_bounds_and_choices_are_validated(tmp_path: Path) -> None:
-    path = write_space(tmp_path, "sample:\n  unroll.steps: {randint: [0, 3]}\n"
-                                 "mutations:\n  objective.n_critic: {choice: [1, 0]}\n")
+    path = write_space(
+        tmp_path,
+        "sample:\n  unroll.steps: {randint: [0, 3]}\n"
+        "mutations:\n  objective.n_critic: {choice: [1, 0]}\n",
+    )
     space = load_space(path)
     assert space.sample["unroll.steps"].probe_values() == [0, 2]  # randint's high is exclusive
     with pytest.raises(ConfigError) as err:
@@ -155,9 +196,12 @@ def test_tune_domains() -> None:
 
 
 def test_pbt_may_not_mutate_the_architecture(tmp_path: Path) -> None:
-    path = write_space(tmp_path, "mutations:\n  g_optim.lr: {loguniform: [1.0e-4, 1.0e-2]}\n"
-                                 "  generators.width: {choice: [32, 64]}\n"
-                                 "  unroll.steps: {choice: [0, 5]}\n")
+    path = write_space(
+        tmp_path,
+        "mutations:\n  g_optim.lr: {loguniform: [1.0e-4, 1.0e-2]}\n"
+        "  generators.width: {choice: [32, 64]}\n"
+        "  unroll.steps: {choice: [0, 5]}\n",
+    )
     assert architecture_mutations(load_space(path), RING8) == ["generators.width"]
 
 

@@ -1,0 +1,210 @@
+"""One Tune trial: a driver function that builds and fits a Ray Train ``TorchTrainer``.
+
+Since Train V2, ``Tuner(TorchTrainer(...))`` is gone: each trial runs ``run_trial`` (0 CPU, see
+``TRIAL_RESOURCES``), which trains the trial's config with the same worker code as the training
+job and forwards every Train report to Tune.
+
+Why not ``ray.tune.integration.ray_train.TuneReportCallback``: it forwards metrics and the
+checkpoint's *path* as a metric, but never registers a Tune checkpoint. PBT then has nothing to
+clone ("no checkpoint for trial ... Skip exploit") and a restored trial gets no checkpoint. So
+``ForwardToTune`` (a Train callback on the controller) hands each report, checkpoint included,
+to the driver, which calls ``tune.report(metrics, checkpoint=...)``; the controller waits for
+the driver's acknowledgement, so Train cannot delete that checkpoint (``num_to_keep``) before
+Tune has copied it. The workers do not wait: they may train and log (MLflow, sample grids) a
+report or two ahead of what Tune has seen, e.g. past the report on which a scheduler stops them.
+
+A stopped or paused trial ends when Tune ends its actor, which owns the Train controller and
+workers (so trials must not reuse actors); Train's placement-group cleaner then frees its CPUs
+(see ``tuning.sweep.init_ray``).
+
+Where a trial starts: with no Tune checkpoint, a Train run named after the trial (rerunning a
+name resumes it, Train's own mechanism). With one (a PBT exploit, or a sweep restored after an
+interruption), a Train run named ``<trial>-from-<hash of the checkpoint path>``, started from
+that checkpoint through the worker's ``resume_from``: reusing the trial's name would make Train
+resume the trial's own latest checkpoint and silently drop the one Tune chose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray import tune
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    FailureConfig,
+    LoggingConfig,
+    RunConfig,
+    ScalingConfig,
+    UserCallback,
+)
+from ray.train.torch import TorchTrainer
+
+from gan_core.config import GanConfig, from_dict, to_dict
+from services.storage import open_storage, ray_storage_args
+from services.worker import train_loop_per_worker
+from tuning.objective import with_score
+from tuning.runs import child_run_id
+
+log = logging.getLogger("raygan.tuning")
+
+# The driver only waits on its Train run: no CPU, or the workers could never fit on 2 cores; Tune
+# rejects {"cpu": 0} alone, hence the token memory (PLATFORM.md, "Ray Tune + Train").
+TRIAL_RESOURCES = {"cpu": 0, "memory": 10 * 1024**2}
+_POLL_S = 0.5
+
+
+@dataclass(frozen=True)
+class TrialSettings:
+    """What every trial of a sweep shares; travels to the drivers via ``tune.with_parameters``."""
+
+    sweep: str
+    base: dict[str, Any]  # the flattened base config (space's fixed keys and overrides applied)
+    runs_uri: str  # storage of the trials' Train runs and sample grids
+    tracking_uri: str  # resolved once, so every process logs to the same store
+    parent_run_id: str | None
+    quiet: bool = True
+    verbose: bool = False
+
+    def trial_config(self, knobs: dict[str, Any], trial: str) -> GanConfig:
+        """The config a trial trains: base + knobs, named after the trial, stored in the sweep."""
+        flat = {
+            **self.base,
+            **knobs,
+            "name": trial,
+            "storage.uri": self.runs_uri,
+            "tracking.uri": self.tracking_uri,
+        }
+        return from_dict(flat, source=f"trial {trial}")
+
+
+def trial_name(trial: Any) -> str:
+    """Tune's trial and folder name: short and stable across restores (no parameters, no date)."""
+    return f"trial_{trial.trial_id}"
+
+
+def train_run_name(trial: str, start_path: str | None) -> str:
+    if start_path is None:
+        return trial
+    return f"{trial}-from-{hashlib.sha1(start_path.encode()).hexdigest()[:8]}"
+
+
+class Mailbox:
+    """A one-report rendezvous between a trial's Train controller and its driver (a Ray actor).
+
+    ``send`` returns only once the driver has passed the report to Tune and called ``ack``.
+    """
+
+    def __init__(self) -> None:
+        self._reports: asyncio.Queue = asyncio.Queue(maxsize=1)
+        self._acks: asyncio.Queue = asyncio.Queue(maxsize=1)
+
+    async def send(self, report: tuple[dict[str, Any], Any]) -> None:
+        await self._reports.put(report)
+        await self._acks.get()
+
+    async def receive(self, timeout_s: float) -> tuple[dict[str, Any], Any] | None:
+        try:
+            return await asyncio.wait_for(self._reports.get(), timeout_s)
+        except TimeoutError:
+            return None
+
+    async def ack(self) -> None:
+        await self._acks.put(True)
+
+
+class ForwardToTune(UserCallback):
+    """Runs on the Train controller: each report goes to the trial's driver, then waits for it."""
+
+    def __init__(self, mailbox: Any) -> None:
+        self._mailbox = mailbox
+
+    def after_report(
+        self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any
+    ) -> None:
+        try:
+            ray.get(self._mailbox.send.remote((dict(metrics[0]), checkpoint)))
+        except ray.exceptions.RayActorError:
+            # The driver is gone (Tune stopped the trial); this controller follows it shortly.
+            log.debug("trial driver gone; report at step %s not forwarded", metrics[0].get("step"))
+
+
+def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
+    """Tune's function trainable: ``config`` holds this trial's knobs (dotted config keys)."""
+    trial = tune.get_context().get_trial_name()
+    cfg = settings.trial_config(config, trial)
+    start = tune.get_checkpoint()
+    train_config: dict[str, Any] = {"gan": to_dict(cfg), "quiet": settings.quiet}
+    if start is not None:
+        train_config["resume_from"] = Checkpoint(start.path, start.filesystem)
+    if settings.parent_run_id and cfg.tracking.enabled:
+        train_config["mlflow_run_id"] = child_run_id(
+            settings.tracking_uri, settings.parent_run_id, settings.sweep, trial, config
+        )
+    r, c = cfg.resources, cfg.checkpoint
+    mailbox = ray.remote(num_cpus=0)(Mailbox).remote()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=train_config,
+        scaling_config=ScalingConfig(
+            num_workers=r.num_workers,
+            use_gpu=r.use_gpu,
+            resources_per_worker={"CPU": r.cpus_per_worker} | ({"GPU": 1} if r.use_gpu else {}),
+        ),
+        run_config=RunConfig(
+            name=train_run_name(trial, start.path if start is not None else None),
+            callbacks=[ForwardToTune(mailbox)],
+            logging_config=LoggingConfig(log_level="INFO" if settings.verbose else "WARNING"),
+            failure_config=FailureConfig(max_failures=r.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=c.keep,
+                checkpoint_score_attribute=c.metric,
+                checkpoint_score_order=c.mode,
+            ),
+            **ray_storage_args(open_storage(cfg.storage)),
+        ),
+    )
+    _fit_and_forward(trainer, mailbox)
+    # Only after a normal end: killed earlier, it would fail a send the controller still waits on.
+    ray.kill(mailbox)
+
+
+def _fit_and_forward(trainer: Any, mailbox: Any) -> None:
+    """``fit()`` in a helper thread; this (Tune's) thread reports what the controller sends.
+
+    When a scheduler stops the trial, ``tune.report`` never returns here (Tune ends this thread
+    and then the actor, and with it the Train controller and workers it owns).
+    """
+    outcome: dict[str, BaseException] = {}
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as exc:  # re-raised in Tune's thread below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="raygan-train-fit", daemon=True)
+    thread.start()
+    while True:
+        # Checked before waiting: fit() returns only after its last report was acknowledged.
+        finished = not thread.is_alive()
+        report = ray.get(mailbox.receive.remote(_POLL_S))
+        if report is None:
+            if finished:
+                break
+            continue
+        metrics, checkpoint = report
+        tune_checkpoint = None
+        if checkpoint is not None:
+            tune_checkpoint = tune.Checkpoint(checkpoint.path, checkpoint.filesystem)
+        tune.report(with_score(metrics), checkpoint=tune_checkpoint)
+        ray.get(mailbox.ack.remote())
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
