@@ -14,15 +14,21 @@ import torch
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     # The digit classifier is cached under RAYGAN_CACHE: one folder per session, so it is
     # trained once and every module (and every Ray worker started later) reuses it.
+    # HOME is one session folder too: Ray writes its auth token under $HOME/.ray and keeps the
+    # token state per process, so every ray.init of this process must see the same HOME.
     folder = tmp_path_factory.getbasetemp() / "raygan_cache"
-    saved = os.environ.get("RAYGAN_CACHE")
-    os.environ["RAYGAN_CACHE"] = str(folder)
-    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+    home = tmp_path_factory.getbasetemp() / "home"
+    home.mkdir(exist_ok=True)
+    saved = {k: os.environ.get(k) for k in ("RAYGAN_CACHE", "HOME", "AWS_EC2_METADATA_DISABLED")}
+    os.environ.update(
+        {"RAYGAN_CACHE": str(folder), "HOME": str(home), "AWS_EC2_METADATA_DISABLED": "true"}
+    )
     yield folder
-    if saved is None:
-        os.environ.pop("RAYGAN_CACHE", None)
-    else:
-        os.environ["RAYGAN_CACHE"] = saved
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -42,7 +42,6 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     os.environ.update(
         {
             "RAY_TMPDIR": str(root),
-            "HOME": str(root),
             "AWS_ACCESS_KEY_ID": "testing-key-id",
             "AWS_SECRET_ACCESS_KEY": "testing-secret-key-0123456789",
             "AWS_DEFAULT_REGION": "us-east-1",

@@ -42,13 +42,15 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[None]:
-    """One private Ray for the module, started as the sweep CLI starts it. RAY_TMPDIR and HOME
-    are short fresh folders set BEFORE ray.init, so the raylet and every worker inherit them."""
+    """One private Ray for the module, started as the sweep CLI starts it. RAY_TMPDIR is a short
+    fresh folder set BEFORE ray.init, so the raylet and every worker inherit it; HOME is the
+    session's (tests/conftest.py): Ray keeps its auth token state per process, so a second
+    ray.init in this process under another HOME would start a GCS without a token."""
     import ray
 
     root = tempfile.mkdtemp(prefix="rgt")
     saved = dict(os.environ)
-    os.environ.update({"RAY_TMPDIR": root, "HOME": root})
+    os.environ.update({"RAY_TMPDIR": root})
     sweep.init_ray(num_cpus=2)
     try:
         yield
