@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -61,9 +62,16 @@ def _init_ray(address: str | None, verbose: bool) -> None:
         ray.init(address=address, logging_level=level, log_to_driver=True)
     else:
         # A private local cluster on loopback; the dashboard stays on (Tune needs it, PLATFORM.md).
+        # address="local": always a new cluster, never a stale `ray start` one found on disk.
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            dashboard_port = probe.getsockname()[1]
         ray.init(
+            address="local",
             _node_ip_address="127.0.0.1",
-            include_dashboard=False,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=dashboard_port,
             logging_level=level,
             configure_logging=True,
             log_to_driver=True,

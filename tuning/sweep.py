@@ -197,6 +197,7 @@ def init_ray(
         return
     port = _free_port()
     ray.init(
+        address="local",  # always a new cluster, never a stale `ray start` one found on disk
         num_cpus=num_cpus,
         _node_ip_address="127.0.0.1",
         include_dashboard=True,
