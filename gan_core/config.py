@@ -24,6 +24,8 @@ ARCHS = ("mlp", "dcgan")
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "elu")
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("constant", "cosine", "linear")
+NONFINITE_POLICIES = ("rollback", "stop")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 class ConfigError(ValueError):
@@ -116,6 +118,16 @@ class TrainConfig:
     ema: float = 0.0  # decay of an exponential moving average of G's weights; 0 = off
     lr_schedule: str = "constant"
     threads: int = 0  # torch intra-op threads per process; 0 = leave torch's default
+    # What a non-finite loss or weight does: roll back to the last good checkpoint with the
+    # learning rates times nan_lr_factor (at most nan_retries times), or stop at once.
+    on_nonfinite: str = "rollback"  # rollback | stop
+    nan_retries: int = 3
+    nan_lr_factor: float = 0.5
+    # GPU path (each a no-op or exact on CPU unless asked for): autocast precision, NHWC
+    # memory layout for conv nets, torch.compile of G and D.
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: one GradScaler for G, one for D)
+    channels_last: bool = False
+    compile: bool = False
 
 
 @dataclass
@@ -452,6 +464,10 @@ def validate(cfg: GanConfig, source: str = "<config>") -> None:
     _check(0 <= t.ema < 1, "train.ema", t.ema, "in [0, 1) (0 = off)", source)
     _one_of("train.lr_schedule", t.lr_schedule, LR_SCHEDULES, source)
     _check(t.threads >= 0, "train.threads", t.threads, ">= 0 (0 = torch default)", source)
+    _one_of("train.on_nonfinite", t.on_nonfinite, NONFINITE_POLICIES, source)
+    _check(t.nan_retries >= 0, "train.nan_retries", t.nan_retries, ">= 0", source)
+    _check(0 < t.nan_lr_factor <= 1, "train.nan_lr_factor", t.nan_lr_factor, "in (0, 1]", source)
+    _one_of("train.precision", t.precision, PRECISIONS, source)
     _check(cfg.eval.every >= 1, "eval.every", cfg.eval.every, ">= 1", source)
     _check(cfg.eval.samples >= 1, "eval.samples", cfg.eval.samples, ">= 1", source)
     _check(cfg.eval.grid >= 1, "eval.grid", cfg.eval.grid, ">= 1", source)
