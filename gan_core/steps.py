@@ -64,6 +64,8 @@ class GanModel:
     d_opt: torch.optim.Optimizer
     ema: nn.Module | None
     step: int = 0
+    # Multiplies both scheduled learning rates; < 1 after a non-finite rollback (GanRun).
+    lr_scale: float = 1.0
 
     def wrap(self, wrapper: Callable[[nn.Module], nn.Module]) -> None:
         """Wrap each network on its own (never one module holding both G and D)."""
@@ -232,6 +234,7 @@ def generator_loss(cfg: GanConfig, critic: Critic, fake: Tensor) -> Tensor:
 
 def _set_lr(model: GanModel) -> float:
     factor = lr_factor(model.cfg.train.lr_schedule, model.step, model.cfg.train.steps)
+    factor *= model.lr_scale
     for opt, base in ((model.g_opt, model.cfg.g_optim.lr), (model.d_opt, model.cfg.d_optim.lr)):
         for group in opt.param_groups:
             group["lr"] = base * factor
