@@ -10,7 +10,9 @@ reporting and checkpointing through ``LoopHooks``; the plain CLI below uses no h
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -18,12 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from gan_core.config import ConfigError, GanConfig, load_config, preset_names
 from gan_core.data import Dataset, MixtureDataset, build_dataset
 from gan_core.metrics import evaluate_samples
-from gan_core.steps import GanModel, build_model, sample_noise, train_step
+from gan_core.steps import GanModel, build_model, sample_noise, train_step, unwrap
 
 # Offsets keep the streams of one seed apart: data, training noise, evaluation noise, grid noise.
 _DATA, _NOISE, _EVAL, _GRID = 0, 1, 2, 3
@@ -35,13 +38,31 @@ def _stream(seed: int, kind: int, rank: int = 0, step: int = 0) -> torch.Generat
     )
 
 
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN/Inf loss or weight and may not go on (policy ``stop`` or no
+    rollbacks left). ``step`` is where it was detected, ``what`` names the first bad value."""
+
+    def __init__(self, step: int, what: str, rollbacks: int, policy: str) -> None:
+        self.step, self.what, self.rollbacks, self.policy = step, what, rollbacks, policy
+        reason = (
+            "train.on_nonfinite=stop"
+            if policy == "stop"
+            else f"{rollbacks} rollback(s) used, train.nan_retries={rollbacks}"
+        )
+        super().__init__(f"non-finite {what} at step {step}; stopped ({reason})")
+
+
 @dataclass
 class LoopHooks:
-    """What a caller adds to the plain loop. Each hook gets the run; all are optional."""
+    """What a caller adds to the plain loop. Each hook gets the run; all are optional.
+
+    ``on_rollback(run, info)`` is told after a non-finite rollback: info holds the step where
+    it was detected, what was bad, the step rolled back to and the new learning-rate scale."""
 
     on_step: Callable[[GanRun, dict[str, float]], None] | None = None
     on_eval: Callable[[GanRun, dict[str, float]], None] | None = None
     should_stop: Callable[[GanRun], bool] | None = None
+    on_rollback: Callable[[GanRun, dict[str, object]], None] | None = None
 
 
 @dataclass
@@ -67,6 +88,10 @@ class GanRun:
             grid_n * self.cfg.generators.count, _stream(self.cfg.seed, _GRID)
         )
         self.history: list[dict[str, float]] = []
+        self.rollbacks = 0  # non-finite rollbacks so far (kept in checkpoints)
+        # The state at the last checkpoint step (what a checkpoint of this run holds): the
+        # in-memory rollback target, so a rollback needs no storage round trip.
+        self._good: dict | None = None
 
     def _noise(self, n: int, rng: torch.Generator) -> Tensor:
         return sample_noise(self.model, n, rng, "cpu").to(self.device)
@@ -130,18 +155,81 @@ class GanRun:
             "model": self.model.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "history": list(self.history),
+            "lr_scale": self.model.lr_scale,
+            "rollbacks": self.rollbacks,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         torch.set_rng_state(state["torch_rng"])
         self.history = list(state["history"])
+        # Absent in checkpoints written before rollbacks existed: full rate, none used.
+        self.model.lr_scale = float(state.get("lr_scale", 1.0))
+        self.rollbacks = int(state.get("rollbacks", 0))
+        self._good = None
+
+    # -- non-finite detection and rollback ------------------------------------------------------
+    def _remember_good(self) -> None:
+        self._good = _clone(self.state_dict())
+
+    def first_nonfinite(self, metrics: dict[str, float]) -> str | None:
+        """The name of the first NaN/Inf loss or weight after a step; None when all are finite.
+
+        Weights are checked with one fused norm per network (a NaN or Inf anywhere makes the
+        norm non-finite), so the check costs microseconds. Under fp16 a scaler skips steps
+        with infinite gradients by design, so only the weights count there."""
+        if self.cfg.train.precision != "fp16":
+            for key, value in metrics.items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    return f"loss {key}={value}"
+        nets = {"generator": self.model.generator, "discriminator": self.model.discriminator}
+        if self.model.encoder is not None:
+            nets["encoder"] = self.model.encoder
+        for name, net in nets.items():
+            params = [p.detach() for p in unwrap(net).parameters()]
+            if params and not bool(torch.isfinite(torch.stack(torch._foreach_norm(params))).all()):
+                bad = next(n for n, p in unwrap(net).named_parameters() if not p.isfinite().all())
+                return f"weight {name}.{bad}"
+        return None
+
+    def _agree(self, bad: bool) -> bool:
+        # Under DDP every rank must take the same branch (a rank rolling back alone would
+        # deadlock the next all-reduce): one tiny all-reduce of the flag per step.
+        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+            flag = torch.tensor([1.0 if bad else 0.0], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            return bool(flag.item() > 0)
+        return bad
+
+    def _handle_nonfinite(self, what: str, hooks: LoopHooks) -> None:
+        t = self.cfg.train
+        step = self.model.step
+        if t.on_nonfinite == "stop" or self.rollbacks >= t.nan_retries or self._good is None:
+            raise NonFiniteError(step, what, self.rollbacks, t.on_nonfinite)
+        rollbacks, scale = self.rollbacks + 1, self.model.lr_scale * t.nan_lr_factor
+        self.load_state_dict(_clone(self._good))
+        self._good = _clone(self.state_dict())
+        # The retry count and the smaller rate survive the restore (and go into checkpoints).
+        self.rollbacks, self.model.lr_scale = rollbacks, scale
+        if hooks.on_rollback is not None:
+            hooks.on_rollback(
+                self,
+                {
+                    "detected_at": step,
+                    "what": what,
+                    "resumed_at": self.model.step,
+                    "lr_scale": scale,
+                    "rollbacks": rollbacks,
+                },
+            )
 
     def run(self, hooks: LoopHooks | None = None) -> list[dict[str, float]]:
         """Train to ``train.steps`` from the current step; evaluate every ``eval.every`` steps."""
         hooks = hooks or LoopHooks()
         cfg = self.cfg
         window_start, window_steps = time.perf_counter(), 0
+        if self._good is None:
+            self._remember_good()
         while self.model.step < cfg.train.steps:
             if hooks.should_stop is not None and hooks.should_stop(self):
                 break
@@ -149,6 +237,11 @@ class GanRun:
             window_steps += 1
             if hooks.on_step is not None:
                 hooks.on_step(self, metrics)
+            bad = self.first_nonfinite(metrics)
+            if self._agree(bad is not None):
+                self._handle_nonfinite(bad or "value on another rank", hooks)
+                window_start, window_steps = time.perf_counter(), 0
+                continue
             step = self.model.step
             if step % cfg.eval.every == 0 or step == cfg.train.steps:
                 elapsed = time.perf_counter() - window_start
@@ -156,10 +249,18 @@ class GanRun:
                 metrics.update(self.evaluate())
                 metrics["step"] = step
                 self.history.append(metrics)
+                if step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
+                    # Taken before on_eval writes the checkpoint: the same state, kept here.
+                    self._remember_good()
                 if hooks.on_eval is not None:
                     hooks.on_eval(self, metrics)
                 window_start, window_steps = time.perf_counter(), 0
         return self.history
+
+
+def _clone(state: dict) -> dict:
+    """A deep copy with every tensor cloned (optimizer moments included)."""
+    return copy.deepcopy(state)
 
 
 def format_eval(step: int, total: int, metrics: dict[str, float]) -> str:

@@ -9,16 +9,23 @@ variables that must be set before ``ray.init()``.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
 from gan_core.config import StorageConfig
+
+log = logging.getLogger("raygan")
+T = TypeVar("T")
 
 SECRET_ENV = (
     "AWS_ACCESS_KEY_ID",
@@ -34,6 +41,13 @@ ALLOWED_FORMS = "a local folder path (e.g. ./runs or /data/runs) or s3://bucket[
 # request_timeout bounds one socket read, not a whole transfer, so big uploads are unaffected.
 CONNECT_TIMEOUT_S = 3.0
 REQUEST_TIMEOUT_S = 30.0
+# raygan's own S3 operations (samples, local-backend checkpoints, reads) retry an outage for
+# about 15 s: 0.5, 1, 2, 4, 8 s between 6 attempts. Ray's checkpoint uploads go through the
+# same filesystem, whose SDK retries each request S3_SDK_ATTEMPTS times; an upload that still
+# fails fails the worker, and Ray restarts it from the last registered checkpoint.
+S3_ATTEMPTS = 6
+S3_FIRST_BACKOFF_S = 0.5
+S3_SDK_ATTEMPTS = 5
 
 # Legacy us-east-1 buckets may hold capitals and underscores, so this is looser than today's
 # naming rules; it only has to catch typos such as an empty name or a stray ':'.
@@ -82,14 +96,51 @@ class Storage:
         rel = self._relative(relpath)
         return f"{self.root}/{rel}" if rel else self.root
 
+    def _retry(self, what: str, relpath: str, call: Callable[[], T]) -> T:
+        """``call()``, retried with doubling backoff on S3 I/O errors; a clear StorageError
+        naming the URI when the attempts run out. Local errors are not retried (a full disk
+        does not heal in seconds)."""
+        if not self.is_s3:
+            return call()
+        delay, waited = S3_FIRST_BACKOFF_S, 0.0
+        for attempt in range(1, S3_ATTEMPTS + 1):
+            try:
+                return call()
+            except FileNotFoundError:
+                raise
+            except OSError as exc:
+                if attempt == S3_ATTEMPTS:
+                    raise StorageError(
+                        f"storage {self.uri}: {what} {relpath!r} failed after {attempt} "
+                        f"attempts over {waited:.1f} s of backoff: {exc}"
+                    ) from None
+                log.warning(
+                    "storage %s: %s %r failed (%s); retry %d of %d in %.1f s",
+                    self.uri,
+                    what,
+                    relpath,
+                    redact(str(exc)),
+                    attempt,
+                    S3_ATTEMPTS - 1,
+                    delay,
+                )
+                time.sleep(delay)
+                waited += delay
+                delay *= 2
+        raise AssertionError("unreachable")
+
     def write_bytes(self, relpath: str, data: bytes) -> str:
         """Write one file and return its full URI; a local file is replaced atomically."""
         rel = self._relative(relpath, file=True)
         path = f"{self.root}/{rel}"
         if self.is_s3:
-            # An S3 PUT is atomic already: readers see the old object or the new one.
-            with self.filesystem.open_output_stream(path) as out:
-                out.write(data)
+            # An S3 PUT is atomic already: readers see the old object or the new one, so a
+            # failed attempt leaves the old object in place and a retry starts from scratch.
+            def put() -> None:
+                with self.filesystem.open_output_stream(path) as out:
+                    out.write(data)
+
+            self._retry("write", rel, put)
         else:
             target = Path(path)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -105,18 +156,24 @@ class Storage:
 
     def read_bytes(self, relpath: str) -> bytes:
         # open_input_file does ranged reads; open_input_stream is very slow against some servers.
-        with self.filesystem.open_input_file(self._path(relpath)) as src:
-            return src.read()
+        def read() -> bytes:
+            with self.filesystem.open_input_file(self._path(relpath)) as src:
+                return src.read()
+
+        return self._retry("read", relpath, read)
 
     def exists(self, relpath: str) -> bool:
         """True for a file or a folder (on S3: a prefix holding at least one object)."""
-        return self.filesystem.get_file_info(self._path(relpath)).type != pafs.FileType.NotFound
+        info = self._retry(
+            "stat", relpath, lambda: self.filesystem.get_file_info(self._path(relpath))
+        )
+        return info.type != pafs.FileType.NotFound
 
     def list(self, relpath: str = "") -> list[str]:
         """Files below ``relpath``, recursively, as sorted paths relative to ``relpath``."""
         base = self._path(relpath)
         selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
-        infos = self.filesystem.get_file_info(selector)
+        infos = self._retry("list", relpath, lambda: self.filesystem.get_file_info(selector))
         return sorted(
             info.path[len(base) + 1 :] for info in infos if info.type == pafs.FileType.File
         )
@@ -174,8 +231,15 @@ def _open_s3(cfg: StorageConfig, uri: str) -> Storage:
         )
     where = f"{uri} (endpoint {endpoint[1]}://{endpoint[0]})" if endpoint else uri
     try:
-        filesystem = pafs.S3FileSystem(**options)
-        kind = filesystem.get_file_info(bucket).type
+        # The open-time probe tries once: a wrong endpoint must fail in seconds, before any
+        # worker starts. The filesystem the run uses retries each request (an outage mid-run).
+        probe = pafs.S3FileSystem(
+            **options, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1)
+        )
+        kind = probe.get_file_info(bucket).type
+        filesystem = pafs.S3FileSystem(
+            **options, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_SDK_ATTEMPTS)
+        )
     except (OSError, ValueError) as exc:
         raise StorageError(f"cannot reach storage {where}: {exc}") from None
     if kind == pafs.FileType.NotFound:

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from gan_core.config import ConfigError, GanConfig, load_config, preset_names, to_dict
-from gan_core.loop import LoopHooks
+from gan_core.loop import LoopHooks, NonFiniteError
 from services.checkpoints import CheckpointError
 from services.storage import StorageError, open_storage, ray_storage_args, redact
-from services.worker import TRACKING_FILE, WorkerSession, train_loop_per_worker
+from services.worker import TRACKING_FILE, WorkerSession, nan_injector, train_loop_per_worker
 
 log = logging.getLogger("raygan")
 LOCAL_CKPT_DIR = "local_checkpoints"
@@ -86,7 +86,7 @@ def run_with_ray(cfg: GanConfig, args: argparse.Namespace) -> dict[str, Any]:
         RunConfig,
         ScalingConfig,
     )
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     storage = open_storage(cfg.storage)
     _init_ray(args.address, args.verbose)
@@ -94,6 +94,8 @@ def run_with_ray(cfg: GanConfig, args: argparse.Namespace) -> dict[str, Any]:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"gan": to_dict(cfg), "quiet": args.quiet},
+        # NCCL between GPUs, gloo on CPU (gloo is also what DDP's CPU tests compare against).
+        torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=r.num_workers,
             use_gpu=r.use_gpu,
@@ -162,12 +164,16 @@ def run_local(cfg: GanConfig, args: argparse.Namespace) -> dict[str, Any]:
                 checkpoint_uri = storage.run_uri(folder)
 
     started = time.perf_counter()
+    hooks = LoopHooks(on_eval=on_eval, on_step=nan_injector(), on_rollback=session.on_rollback)
     try:
-        session.run.run(LoopHooks(on_eval=on_eval))
+        session.run.run(hooks)
+    except NonFiniteError as exc:
+        last = session.diverged(exc)
     except BaseException:
         session.finish("FAILED")
         raise
-    session.finish("FINISHED")
+    else:
+        session.finish("FINISHED")
     wall = time.perf_counter() - started
     if not last and session.run.history:
         last = session.run.history[-1]
@@ -189,6 +195,8 @@ def _summary(
     tracking_uri = cfg.tracking.uri or default_tracking_uri(cfg.storage.uri)
     return {
         "name": cfg.name,
+        "status": "diverged" if metrics.get("diverged") else "finished",
+        "stop_reason": metrics.get("stop_reason"),
         "backend": cfg.resources.backend,
         "num_workers": cfg.resources.num_workers if cfg.resources.backend == "ray" else 1,
         "steps": int(metrics.get("step", 0)),
@@ -223,6 +231,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2))
+    if summary["status"] == "diverged":
+        print(
+            f"raygan: {cfg.name} diverged: {summary['stop_reason']}; the last good checkpoint "
+            f"is kept: {summary['checkpoint_uri']}",
+            file=sys.stderr,
+        )
+        return 3
     m = summary["metrics"]
     coverage = " ".join(
         f"{k}={m[k]:.4g}" for k in ("modes", "hq_pct", "reverse_kl", "kl") if k in m

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from gan_core.config import GanConfig, from_dict
-from gan_core.loop import GanRun, LoopHooks, format_eval
+from gan_core.loop import GanRun, LoopHooks, NonFiniteError, format_eval
 from services.checkpoints import load_checkpoint, save_checkpoint
 from services.storage import Storage, open_storage
 
@@ -134,6 +134,30 @@ class WorkerSession:
             self.mlflow_run_id = self.tracker.run_id
         (Path(folder) / TRACKING_FILE).write_text(json.dumps({"run_id": self.mlflow_run_id}))
 
+    def on_rollback(self, run: GanRun, info: dict[str, Any]) -> None:
+        """Rank 0: say loudly that the run rolled back, in the log and in MLflow."""
+        if self.rank != 0:
+            return
+        sys.stdout.write(
+            f"[raygan] WARNING: non-finite {info['what']} at step {info['detected_at']}; rolled "
+            f"back to step {info['resumed_at']} with learning rates x{info['lr_scale']:g} "
+            f"(rollback {info['rollbacks']} of {self.cfg.train.nan_retries})\n"
+        )
+        sys.stdout.flush()
+        if self.tracker is not None:
+            self.tracker.log_metrics({"rollbacks": float(info["rollbacks"])}, run.model.step)
+            self.tracker.set_tags({"raygan.last_rollback": f"step {info['detected_at']}"})
+
+    def diverged(self, exc: NonFiniteError) -> dict[str, Any]:
+        """The final report of a run stopped by a non-finite value; MLflow run marked FAILED."""
+        if self.rank == 0:
+            sys.stdout.write(f"[raygan] ERROR: {exc}\n")
+            sys.stdout.flush()
+            if self.tracker is not None:
+                self.tracker.set_tags({"raygan.stop_reason": str(exc)})
+        self.finish("FAILED")
+        return {"step": exc.step, "diverged": 1.0, "stop_reason": str(exc)}
+
     def finish(self, status: str = "FINISHED") -> None:
         if self.tracker is not None:
             self.tracker.finish(status)
@@ -179,9 +203,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _wrap_for_ddp(session)
     session.start_tracking()
     fail_at = int(os.environ.get("RAYGAN_FAIL_AT_STEP", "0"))
+    inject_nan = nan_injector()
 
     def on_step(run: GanRun, metrics: dict[str, float]) -> None:
         _maybe_inject_fault(run.model.step, fail_at, rank)
+        inject_nan(run, metrics)
 
     def on_eval(run: GanRun, metrics: dict[str, float]) -> None:
         payload = session.eval_payload(metrics)
@@ -193,8 +219,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         else:
             ray.train.report(payload, checkpoint=None)
 
+    hooks = LoopHooks(on_step=on_step, on_eval=on_eval, on_rollback=session.on_rollback)
     try:
-        session.run.run(LoopHooks(on_step=on_step, on_eval=on_eval))
+        session.run.run(hooks)
+    except NonFiniteError as exc:
+        # Not raised to Ray: a restart would replay the same data into the same divergence.
+        # Every rank gets here at the same step (GanRun agrees on it), so reports stay paired.
+        ray.train.report(session.diverged(exc), checkpoint=None)
+        return
     except BaseException:
         session.finish("FAILED")
         raise
@@ -217,3 +249,20 @@ def _maybe_inject_fault(step: int, fail_at: int, rank: int) -> None:
     if os.environ.get("RAYGAN_FAULT_KIND") == "exit":
         os._exit(1)
     raise RuntimeError(f"injected fault at step {step} (RAYGAN_FAIL_AT_STEP)")
+
+
+def nan_injector() -> Any:
+    """Test hook: RAYGAN_NAN_AT_STEP=N writes a NaN into D's weights on every rank when step N
+    first completes in this process (as a diverging optimizer would), to exercise the
+    non-finite policy end to end. Returns an ``on_step`` hook (a no-op when unset)."""
+    nan_at = int(os.environ.get("RAYGAN_NAN_AT_STEP", "0"))
+    fired: list[int] = []
+
+    def hook(run: GanRun, metrics: dict[str, float]) -> None:
+        if nan_at and run.model.step == nan_at and not fired:
+            fired.append(nan_at)
+            params = run.model.discriminator.parameters()
+            with torch.no_grad():
+                next(params).view(-1)[0] = float("nan")
+
+    return hook

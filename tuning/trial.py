@@ -200,6 +200,12 @@ def _fit_and_forward(trainer: Any, mailbox: Any) -> None:
                 break
             continue
         metrics, checkpoint = report
+        if metrics.get("diverged"):
+            # The run stopped on a non-finite value: the trial errors with that reason (below)
+            # instead of reporting a result without coverage metrics.
+            outcome.setdefault("error", RuntimeError(str(metrics.get("stop_reason"))))
+            ray.get(mailbox.ack.remote())
+            continue
         tune_checkpoint = None
         if checkpoint is not None:
             tune_checkpoint = tune.Checkpoint(checkpoint.path, checkpoint.filesystem)
