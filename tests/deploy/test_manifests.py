@@ -1,0 +1,1181 @@
+"""deploy/: every manifest, cluster config, the Dockerfile and the README checked offline.
+
+No Kubernetes client, cluster, registry or AWS account is used. KubeRay objects are checked
+against a strict hand-made JSON schema of the ``ray.io/v1`` fields used here (field names as in
+KubeRay's ``ray-operator/apis/ray/v1`` types: RayClusterSpec, HeadGroupSpec, WorkerGroupSpec,
+RayJobSpec; pod fields as in Kubernetes' core/v1), so a typo'd field fails. ``cluster.yaml`` is
+checked by Ray's own ``ray-schema.json`` through ``prepare_config`` + ``validate_config``. Every
+``python -m`` command shown anywhere under deploy/ is parsed by the module's own argument parser
+and its config loaded (a sweep's whole grid validated), as the real command would.
+
+Each check is a function returning a list of problems; the positive tests want none, the
+negative tests break a copy of a real manifest and want the check to notice.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import re
+import shlex
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import jsonschema
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # deploy/ is not an installed package: `python -m` from the root
+    sys.path.insert(0, str(REPO))
+
+DEPLOY = REPO / "deploy"
+KUBERAY = DEPLOY / "kuberay"
+CONFIG_YAML = KUBERAY / "config.yaml"
+RAYCLUSTER_YAML = KUBERAY / "raycluster.yaml"
+RAYJOB_YAMLS = (KUBERAY / "rayjob-train.yaml", KUBERAY / "rayjob-sweep.yaml")
+AWS_YAML = DEPLOY / "aws" / "cluster.yaml"
+DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
+README = DEPLOY / "README.md"
+YAML_FILES = (CONFIG_YAML, RAYCLUSTER_YAML, *RAYJOB_YAMLS, AWS_YAML)
+
+CONFIG_MAP = "raygan-config"
+SECRET = "raygan-credentials"
+# Ray's auth token: required (token auth stays on), created with `kubectl create secret`.
+TOKEN_SECRET = "raygan-ray-token"
+CREDENTIAL_WORDS = ("SECRET", "TOKEN", "PASSWORD", "KEY")
+AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
+GPU = "nvidia.com/gpu"
+PLACEHOLDER = "REPLACE_ME"
+SECRET_EXAMPLE = re.compile(
+    r"^# --- begin example Secret ---\n(.*?)^# --- end example Secret ---$", re.M | re.S
+)
+
+
+def pinned(package: str) -> str:
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        name, _, version = line.partition("==")
+        if name.strip().lower() == package:
+            return version.strip()
+    raise AssertionError(f"{package} is not pinned in constraints.txt")
+
+
+RAY_VERSION = pinned("ray")
+PY_TAG = f"py{sys.version_info.major}{sys.version_info.minor}"
+RAY_GPU_IMAGE = f"rayproject/ray:{RAY_VERSION}-{PY_TAG}-gpu"
+
+
+# ---------------------------------------------------------------- the schema (KubeRay ray.io/v1)
+
+
+def strict(properties: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """An object with exactly these fields (any other name, e.g. a typo, is an error)."""
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(required),
+        "additionalProperties": False,
+    }
+
+
+def ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/$defs/{name}"}
+
+
+def array(items: dict[str, Any], min_items: int = 0) -> dict[str, Any]:
+    return {"type": "array", "items": items, "minItems": min_items}
+
+
+STRING = {"type": "string"}
+NONEMPTY = {"type": "string", "minLength": 1}
+BOOL = {"type": "boolean"}
+COUNT = {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}
+POSITIVE = {"type": "integer", "minimum": 1, "maximum": 2**31 - 1}
+STRING_MAP = {"type": "object", "additionalProperties": STRING}
+DNS_NAME = {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63}
+ENV_NAME = {"type": "string", "pattern": r"^[A-Za-z_][A-Za-z0-9_]*$"}
+QUANTITY = {
+    "anyOf": [
+        {"type": "integer", "minimum": 0},
+        {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"},
+    ]
+}
+RESOURCE_LIST = {
+    "type": "object",
+    "propertyNames": {"enum": ["cpu", "memory", "ephemeral-storage", GPU]},
+    "additionalProperties": QUANTITY,
+    "minProperties": 1,
+}
+PULL_POLICY = {"enum": ["Always", "IfNotPresent", "Never"]}
+
+DEFS: dict[str, Any] = {
+    "metadata": strict(
+        {"name": DNS_NAME, "namespace": DNS_NAME, "labels": STRING_MAP, "annotations": STRING_MAP},
+        ("name",),
+    ),
+    "keySelector": strict({"name": DNS_NAME, "key": NONEMPTY, "optional": BOOL}, ("name", "key")),
+    "sourceRef": strict({"name": DNS_NAME, "optional": BOOL}, ("name",)),
+    "envVar": {
+        **strict(
+            {
+                "name": ENV_NAME,
+                "value": STRING,
+                "valueFrom": {
+                    **strict(
+                        {
+                            "secretKeyRef": ref("keySelector"),
+                            "configMapKeyRef": ref("keySelector"),
+                            "fieldRef": strict({"fieldPath": NONEMPTY}, ("fieldPath",)),
+                        }
+                    ),
+                    "minProperties": 1,
+                    "maxProperties": 1,
+                },
+            },
+            ("name",),
+        ),
+        # A container's env entry has a value or a valueFrom, never both, never neither.
+        "oneOf": [{"required": ["value"]}, {"required": ["valueFrom"]}],
+    },
+    "envFrom": {
+        **strict(
+            {"configMapRef": ref("sourceRef"), "secretRef": ref("sourceRef"), "prefix": STRING}
+        ),
+        "oneOf": [{"required": ["configMapRef"]}, {"required": ["secretRef"]}],
+    },
+    "resources": strict({"limits": RESOURCE_LIST, "requests": RESOURCE_LIST}, ("limits",)),
+    "container": strict(
+        {
+            "name": DNS_NAME,
+            "image": {"type": "string", "pattern": r"^\S+$"},
+            "imagePullPolicy": PULL_POLICY,
+            "command": array(STRING),
+            "args": array(STRING),
+            "env": array(ref("envVar")),
+            "envFrom": array(ref("envFrom")),
+            "resources": ref("resources"),
+            "volumeMounts": array(
+                strict(
+                    {"name": DNS_NAME, "mountPath": NONEMPTY, "readOnly": BOOL},
+                    ("name", "mountPath"),
+                )
+            ),
+        },
+        ("name", "image", "resources"),
+    ),
+    "podTemplate": strict(
+        {
+            "metadata": strict({"labels": STRING_MAP, "annotations": STRING_MAP}),
+            "spec": strict(
+                {
+                    "containers": array(ref("container"), min_items=1),
+                    "serviceAccountName": DNS_NAME,
+                    "restartPolicy": {"enum": ["Always", "OnFailure", "Never"]},
+                    "nodeSelector": STRING_MAP,
+                    "tolerations": array(
+                        strict(
+                            {
+                                "key": STRING,
+                                "operator": {"enum": ["Exists", "Equal"]},
+                                "value": STRING,
+                                "effect": {"enum": ["NoSchedule", "PreferNoSchedule", "NoExecute"]},
+                                "tolerationSeconds": COUNT,
+                            }
+                        )
+                    ),
+                    "volumes": array(
+                        strict(
+                            {
+                                "name": DNS_NAME,
+                                "emptyDir": strict(
+                                    {"medium": {"enum": ["", "Memory"]}, "sizeLimit": QUANTITY}
+                                ),
+                            },
+                            ("name",),
+                        )
+                    ),
+                    "terminationGracePeriodSeconds": COUNT,
+                },
+                ("containers",),
+            ),
+        },
+        ("spec",),
+    ),
+    "headGroupSpec": strict(
+        {
+            # map[string]string in KubeRay: `num-cpus: 0` (a number) is refused by the API.
+            "rayStartParams": STRING_MAP,
+            "template": ref("podTemplate"),
+            "serviceType": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
+            "enableIngress": BOOL,
+        },
+        ("rayStartParams", "template"),
+    ),
+    "workerGroupSpec": strict(
+        {
+            "groupName": DNS_NAME,
+            "replicas": COUNT,
+            "minReplicas": COUNT,
+            "maxReplicas": COUNT,
+            "idleTimeoutSeconds": COUNT,
+            "numOfHosts": POSITIVE,
+            "rayStartParams": STRING_MAP,
+            "template": ref("podTemplate"),
+            "suspend": BOOL,
+        },
+        ("groupName", "minReplicas", "maxReplicas", "rayStartParams", "template"),
+    ),
+    "rayClusterSpec": strict(
+        {
+            "rayVersion": {"type": "string", "pattern": r"^[0-9]+\.[0-9]+\.[0-9]+$"},
+            "enableInTreeAutoscaling": BOOL,
+            "autoscalerOptions": strict(
+                {
+                    "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]},
+                    "idleTimeoutSeconds": COUNT,
+                    "resources": ref("resources"),
+                    "image": NONEMPTY,
+                    "imagePullPolicy": PULL_POLICY,
+                }
+            ),
+            "headGroupSpec": ref("headGroupSpec"),
+            "workerGroupSpecs": array(ref("workerGroupSpec"), min_items=1),
+            "headServiceAnnotations": STRING_MAP,
+            "suspend": BOOL,
+        },
+        ("rayVersion", "headGroupSpec", "workerGroupSpecs"),
+    ),
+    "rayJobSpec": {
+        **strict(
+            {
+                "entrypoint": NONEMPTY,
+                "runtimeEnvYAML": STRING,
+                "shutdownAfterJobFinishes": BOOL,
+                "ttlSecondsAfterFinished": COUNT,
+                "activeDeadlineSeconds": POSITIVE,
+                "backoffLimit": COUNT,
+                "rayClusterSpec": ref("rayClusterSpec"),
+                "clusterSelector": {**STRING_MAP, "minProperties": 1},
+                "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode"]},
+                "submitterPodTemplate": ref("podTemplate"),
+                "submitterConfig": strict({"backoffLimit": COUNT}),
+                "entrypointNumCpus": {"type": "number", "minimum": 0},
+                "entrypointNumGpus": {"type": "number", "minimum": 0},
+                "entrypointResources": STRING,
+                "metadata": STRING_MAP,
+                "jobId": STRING,
+                "suspend": BOOL,
+            },
+            ("entrypoint",),
+        ),
+        # A RayJob brings its own cluster or picks a running one, not both.
+        "oneOf": [{"required": ["rayClusterSpec"]}, {"required": ["clusterSelector"]}],
+    },
+}
+
+
+def kind_schema(api_version: str, kind: str, spec: dict[str, Any] | None) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "apiVersion": {"const": api_version},
+        "kind": {"const": kind},
+        "metadata": ref("metadata"),
+    }
+    if spec is not None:
+        fields["spec"] = spec
+    return {"$defs": DEFS, **strict(fields, tuple(fields))}
+
+
+SCHEMAS: dict[str, dict[str, Any]] = {
+    "RayCluster": kind_schema("ray.io/v1", "RayCluster", ref("rayClusterSpec")),
+    "RayJob": kind_schema("ray.io/v1", "RayJob", ref("rayJobSpec")),
+    "ServiceAccount": kind_schema("v1", "ServiceAccount", None),
+    "ConfigMap": {
+        "$defs": DEFS,
+        **strict(
+            {
+                "apiVersion": {"const": "v1"},
+                "kind": {"const": "ConfigMap"},
+                "metadata": ref("metadata"),
+                "data": {
+                    "type": "object",
+                    "propertyNames": ENV_NAME,
+                    "additionalProperties": STRING,
+                },
+            },
+            ("apiVersion", "kind", "metadata", "data"),
+        ),
+    },
+    "Secret": {
+        "$defs": DEFS,
+        **strict(
+            {
+                "apiVersion": {"const": "v1"},
+                "kind": {"const": "Secret"},
+                "metadata": ref("metadata"),
+                "type": {"const": "Opaque"},
+                "stringData": {"type": "object", "propertyNames": ENV_NAME},
+            },
+            ("apiVersion", "kind", "metadata", "type", "stringData"),
+        ),
+    },
+}
+
+
+def schema_problems(doc: Any) -> list[str]:
+    if not isinstance(doc, dict) or doc.get("kind") not in SCHEMAS:
+        kind = doc.get("kind") if isinstance(doc, dict) else type(doc).__name__
+        return [f"no schema for kind {kind!r} (known: {', '.join(SCHEMAS)})"]
+    validator = jsonschema.Draft202012Validator(SCHEMAS[doc["kind"]])
+    return [
+        f"{'/'.join(map(str, err.absolute_path)) or '<root>'}: {err.message[:300]}"
+        for err in validator.iter_errors(doc)
+    ]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_docs(path: Path) -> list[Any]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def kuberay_docs() -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (f"{path.name}#{i}", doc)
+        for path in (CONFIG_YAML, RAYCLUSTER_YAML, *RAYJOB_YAMLS)
+        for i, doc in enumerate(load_docs(path))
+    ]
+
+
+def secret_example() -> dict[str, Any]:
+    """The example Secret that config.yaml carries as a comment (applying it would be harmful)."""
+    found = SECRET_EXAMPLE.search(CONFIG_YAML.read_text())
+    assert found, f"{CONFIG_YAML.name} has no '# --- begin/end example Secret ---' block"
+    lines = [re.sub(r"^# ?", "", line) for line in found.group(1).splitlines()]
+    return yaml.safe_load("\n".join(lines))
+
+
+def config_objects() -> dict[str, dict[str, Any]]:
+    """config.yaml's objects (and the example Secret) by kind."""
+    objects = {doc["kind"]: doc for doc in load_docs(CONFIG_YAML)}
+    objects["Secret"] = secret_example()
+    return objects
+
+
+def cluster_spec(doc: dict[str, Any]) -> dict[str, Any]:
+    return doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+
+
+def pod_templates(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    if doc.get("kind") == "RayJob" and "submitterPodTemplate" in doc["spec"]:
+        yield "submitter", doc["spec"]["submitterPodTemplate"]
+    if doc.get("kind") in ("RayCluster", "RayJob"):
+        spec = cluster_spec(doc)
+        yield "head", spec["headGroupSpec"]["template"]
+        for group in spec.get("workerGroupSpecs", []):
+            yield f"worker group {group['groupName']}", group["template"]
+
+
+def containers(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for where, template in pod_templates(doc):
+        for container in template["spec"]["containers"]:
+            yield f"{where} container {container['name']}", container
+
+
+def looks_like_credential(name: str) -> bool:
+    return any(word in name.upper() for word in CREDENTIAL_WORDS)
+
+
+def strings_in(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield str(key)
+            yield from strings_in(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from strings_in(item)
+    elif isinstance(node, str):
+        yield node
+
+
+def gpus(resources: dict[str, Any], section: str = "limits") -> int:
+    return int(resources.get(section, {}).get(GPU, 0))
+
+
+# ---------------------------------------------------------------- the checks
+
+
+def credential_problems(doc: dict[str, Any]) -> list[str]:
+    """Credentials only by reference: from the Secret, never as values, never in runtime envs."""
+    problems = [
+        f"a string shaped like an AWS access key id: {text[:8]}..."
+        for text in strings_in(doc)
+        if AWS_KEY_ID.search(text)
+    ]
+    for where, container in containers(doc):
+        for env in container.get("env", []):
+            if not looks_like_credential(env["name"]):
+                continue
+            if "value" in env:
+                problems.append(f"{where}: {env['name']} has a plaintext value; use secretKeyRef")
+            elif "secretKeyRef" not in env.get("valueFrom", {}):
+                problems.append(f"{where}: {env['name']} must come from a Secret (secretKeyRef)")
+    if doc.get("kind") == "ConfigMap":
+        problems += [
+            f"ConfigMap {doc['metadata']['name']}: {key} looks like a credential; use the Secret"
+            for key in doc.get("data", {})
+            if looks_like_credential(key)
+        ]
+    runtime_env = doc.get("spec", {}).get("runtimeEnvYAML") if doc.get("kind") == "RayJob" else None
+    if runtime_env:
+        # The jobs API shows a runtime env to anyone who can read the job.
+        env_vars = (yaml.safe_load(runtime_env) or {}).get("env_vars", {})
+        problems += [
+            f"runtimeEnvYAML env_vars.{name}: credentials do not belong in a runtime env"
+            for name in env_vars
+            if looks_like_credential(name)
+        ]
+    return problems
+
+
+def cluster_problems(doc: dict[str, Any], config: dict[str, dict[str, Any]]) -> list[str]:
+    """The cluster's shape and its references to config.yaml's objects."""
+    spec = cluster_spec(doc)
+    problems: list[str] = []
+    if spec.get("rayVersion") != RAY_VERSION:
+        problems.append(
+            f"rayVersion {spec.get('rayVersion')!r} != ray=={RAY_VERSION} (constraints)"
+        )
+    if spec.get("enableInTreeAutoscaling") is not True:
+        problems.append("enableInTreeAutoscaling must be true (workers between min and max)")
+    head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+    if gpus(head["resources"]):
+        problems.append("the head asks for a GPU: it should stay a CPU node")
+    gpu_groups = 0
+    for group in spec["workerGroupSpecs"]:
+        name, low, high = group["groupName"], group["minReplicas"], group["maxReplicas"]
+        replicas = group.get("replicas", low)
+        if not low <= replicas <= high:
+            problems.append(
+                f"worker group {name}: not minReplicas {low} <= replicas {replicas}"
+                f" <= maxReplicas {high}"
+            )
+        resources = group["template"]["spec"]["containers"][0]["resources"]
+        if gpus(resources) >= 1:
+            gpu_groups += 1
+            if "requests" in resources and gpus(resources, "requests") != gpus(resources):
+                problems.append(f"worker group {name}: {GPU} requests != limits")
+            if high < 1:
+                problems.append(f"worker group {name}: maxReplicas 0 never gives a GPU")
+    if not gpu_groups:
+        problems.append(f"no worker group requests {GPU} in its limits")
+    images = {c["image"] for _, c in containers(doc)}
+    if len(images) != 1:
+        problems.append(f"all containers should run the one project image, found {sorted(images)}")
+    account = config["ServiceAccount"]["metadata"]["name"]
+    secret_keys = set(config["Secret"]["stringData"])
+    for where, template in pod_templates(doc):
+        used = template["spec"].get("serviceAccountName")
+        if used not in (None, account):
+            problems.append(f"{where}: serviceAccountName {used!r} is not defined in config.yaml")
+    for where, container in containers(doc):
+        for source in container.get("envFrom", []):
+            if source.get("configMapRef", {"name": CONFIG_MAP})["name"] != CONFIG_MAP:
+                problems.append(f"{where}: envFrom a ConfigMap other than {CONFIG_MAP}")
+            if source.get("secretRef", {"name": SECRET})["name"] != SECRET:
+                problems.append(f"{where}: envFrom a Secret other than {SECRET}")
+        envs = {env["name"]: env for env in container.get("env", [])}
+        if envs.get("RAY_AUTH_MODE", {}).get("value") != "token":
+            problems.append(f"{where}: RAY_AUTH_MODE is not 'token' (Ray's token auth is off)")
+        token = envs.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef", {})
+        if (
+            token.get("name") != TOKEN_SECRET
+            or token.get("key") != "token"
+            or token.get("optional")
+        ):
+            problems.append(f"{where}: RAY_AUTH_TOKEN must come from {TOKEN_SECRET}/token")
+        for env in container.get("env", []):
+            selector = env.get("valueFrom", {}).get("secretKeyRef")
+            if env["name"] == "RAY_AUTH_TOKEN":
+                continue
+            if selector and (selector["name"] != SECRET or selector["key"] not in secret_keys):
+                problems.append(
+                    f"{where}: {env['name']} reads {selector['name']}/{selector['key']},"
+                    f" which the example Secret {SECRET} in config.yaml does not describe"
+                )
+            if selector and selector.get("optional") is not True:
+                problems.append(f"{where}: {env['name']} must be optional (IRSA needs no Secret)")
+    return problems
+
+
+def gpu_capacity(spec: dict[str, Any]) -> int:
+    return sum(
+        gpus(g["template"]["spec"]["containers"][0]["resources"])
+        * g["maxReplicas"]
+        * g.get("numOfHosts", 1)
+        for g in spec["workerGroupSpecs"]
+    )
+
+
+def container_env(container: dict[str, Any], configmap: dict[str, Any]) -> dict[str, str]:
+    """What a container's shell can expand: literal env values and the ConfigMap's keys."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        if source.get("configMapRef", {}).get("name") == configmap["metadata"]["name"]:
+            env.update(configmap["data"])
+    env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+    return env
+
+
+_VAR = re.compile(r"\$\{(\w+)(?::[?-][^}]*)?\}|\$(\w+)")
+
+
+def expand(command: str, env: dict[str, str]) -> tuple[str, list[str]]:
+    """``command`` with $NAME / ${NAME} / ${NAME:?...} replaced from ``env``; the names missing."""
+    missing: list[str] = []
+
+    def value(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(2)
+        if name not in env:
+            missing.append(name)
+            return match.group(0)
+        return env[name]
+
+    return _VAR.sub(value, command), missing
+
+
+_PYTHON_M = re.compile(r"(?:^|(?<=[\s/`]))python3?\s+-m\s+([\w.]+)(.*)$")
+_COMMAND_END = re.compile(r"\s+#\s|;|&&|\|\||\||`|\s\d?>")
+
+
+def python_commands(text: str) -> list[str]:
+    """Every ``python -m MODULE ARGS`` in shell-like text (continuation lines joined)."""
+    commands = []
+    for line in text.replace("\\\n", " ").splitlines():
+        found = _PYTHON_M.search(line)
+        if found:
+            args = _COMMAND_END.split(found.group(2))[0].split()
+            commands.append(" ".join(["python", "-m", found.group(1), *args]))
+    return commands
+
+
+class _NoStorage:
+    """Stands in for the sweep's storage: make_plan validates everything but opens nothing."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+
+    def exists(self, relpath: str) -> bool:
+        return False
+
+
+@contextmanager
+def _offline_storage() -> Iterator[None]:
+    def fake(cfg: Any) -> _NoStorage:
+        return _NoStorage(cfg.uri)
+
+    with (
+        mock.patch("tuning.plan.open_storage", fake),
+        mock.patch("tuning.sweep.open_storage", fake),
+    ):
+        yield
+
+
+def command_problems(command: str, env: dict[str, str] | None = None) -> list[str]:
+    """A ``python -m ...`` command as its module would take it, short of running anything."""
+    from gan_core.config import ConfigError, load_config
+
+    command, missing = expand(command, env or {})
+    if missing:
+        return [f"{command}: ${', $'.join(missing)} is not set where the command runs"]
+    words = shlex.split(command)
+    if words[:2] != ["python", "-m"] or len(words) < 3:
+        return [f"{command}: not a `python -m MODULE` command"]
+    module, args = words[2], words[3:]
+    if importlib.util.find_spec(module) is None:
+        return [f"{command}: no module {module}"]
+    if "--help" in args or module not in ("services.train", "tuning.sweep"):
+        return []
+    try:
+        if module == "services.train":
+            from services.train import parse_args
+
+            ns = parse_args(args)
+            load_config(ns.config, ns.overrides)
+        else:
+            from tuning.sweep import parse_args as sweep_args
+            from tuning.sweep import plan_from_args
+
+            ns = sweep_args(args)
+            if ns.resume:
+                load_config(ns.config, ns.overrides)
+            else:
+                with _offline_storage():
+                    plan_from_args(ns)
+    except SystemExit as exc:  # argparse refused the arguments (it printed why to stderr)
+        return [f"{command}: {module} refuses its arguments (exit {exc.code})"]
+    except ConfigError as exc:
+        return [f"{command}: {exc}"]
+    return []
+
+
+def job_fit_problems(command: str, gpu_slots: int, env: dict[str, str] | None = None) -> list[str]:
+    """A GPU job that the cluster's GPU workers can hold: use_gpu on, workers <= GPUs."""
+    from gan_core.config import load_config
+
+    words = shlex.split(expand(command, env or {})[0])
+    module, args = words[2], words[3:]
+    if module == "services.train":
+        from services.train import parse_args
+
+        ns = parse_args(args)
+        cfg = load_config(ns.config, ns.overrides)
+        workers, use_gpu = cfg.resources.num_workers, cfg.resources.use_gpu
+    elif module == "tuning.sweep":
+        from tuning.sweep import parse_args as sweep_args
+
+        ns = sweep_args(args)
+        cfg = load_config(ns.config, ns.overrides)
+        if ns.max_concurrent < 1:
+            return [f"{command}: give --max-concurrent (its default counts the CPUs at start)"]
+        workers, use_gpu = ns.max_concurrent * ns.workers_per_trial, cfg.resources.use_gpu
+    else:
+        return []
+    problems = []
+    if not use_gpu:
+        problems.append(f"{command}: resources.use_gpu=true is missing on a GPU cluster")
+    if workers > gpu_slots:
+        problems.append(
+            f"{command}: needs {workers} GPU workers at once, the cluster has {gpu_slots}"
+        )
+    return problems
+
+
+def rayjob_problems(
+    job: dict[str, Any], raycluster: dict[str, Any], configmap: dict[str, Any]
+) -> list[str]:
+    spec = job["spec"]
+    problems = []
+    if spec.get("rayClusterSpec") != raycluster["spec"]:
+        problems.append("rayClusterSpec differs from raycluster.yaml's spec")
+    if spec.get("shutdownAfterJobFinishes") is not True:
+        problems.append("shutdownAfterJobFinishes must be true (or the GPU cluster stays up)")
+    if spec.get("ttlSecondsAfterFinished", 0) <= 0:
+        problems.append("ttlSecondsAfterFinished must be > 0 (time to read the logs)")
+    # In K8sJobMode the submitter's shell expands the entrypoint: its env must define the names.
+    submitter = spec.get("submitterPodTemplate", {"spec": {"containers": [{}]}})
+    env = container_env(submitter["spec"]["containers"][0], configmap)
+    _, missing = expand(spec["entrypoint"], env)
+    problems += [
+        f"entrypoint uses ${name}, which the submitter pod does not set" for name in missing
+    ]
+    return problems
+
+
+def aws_problems(config: dict[str, Any]) -> list[str]:
+    """Ray's own schema and checks for `ray up` configs, plus this project's rules."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    try:
+        validate_config(prepare_config(copy.deepcopy(config)))
+    except (jsonschema.ValidationError, ValueError, RuntimeError, KeyError) as exc:
+        return [f"Ray refuses the config: {str(exc).splitlines()[0]}"]
+    problems = []
+    provider = config["provider"]
+    if provider.get("type") != "aws" or not provider.get("region"):
+        problems.append("provider must be aws with a region")
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    if not head["node_config"].get("InstanceType", "").startswith(("m5.", "m6i.", "m7i.")):
+        problems.append("the head should be a general-purpose CPU instance (m5/m6i/m7i)")
+    workers = {name: t for name, t in types.items() if name != config["head_node_type"]}
+    gpu_workers = {
+        name: t
+        for name, t in workers.items()
+        if t["node_config"].get("InstanceType", "").startswith(("g4dn.", "g5.", "g6.", "p3.", "p4"))
+    }
+    if not gpu_workers:
+        problems.append("no GPU worker node type (g4dn/g5/g6/p3/p4)")
+    for name, node_type in workers.items():
+        low, high = node_type.get("min_workers", 0), node_type.get("max_workers", 0)
+        if not 0 <= low <= high <= config["max_workers"]:
+            problems.append(f"{name}: not 0 <= min_workers {low} <= max_workers {high} <= global")
+    for name, node_type in types.items():
+        if "IamInstanceProfile" not in node_type["node_config"]:
+            problems.append(f"{name}: no IamInstanceProfile (credentials come from the role)")
+    for text in strings_in(config):
+        if AWS_KEY_ID.search(text) or re.search(r"aws_(secret_)?access_key", text, re.I):
+            problems.append(f"an AWS key in the config: {text[:40]}...")
+    image = config.get("docker", {}).get("image", "")
+    if image != RAY_GPU_IMAGE:
+        problems.append(f"docker.image {image!r} != {RAY_GPU_IMAGE} (ray pinned in constraints)")
+    setup = " && ".join(config.get("setup_commands", []))
+    if not re.search(r"grep -v '\^torch==' \S*constraints\.txt", setup):
+        problems.append("setup_commands must drop the CPU torch pin from constraints.txt")
+    if not re.search(r"pip install .*-c \S+ -e \S*raygan", setup):
+        problems.append("setup_commands must install the project with the pinned constraints")
+    mounted = {Path(local).as_posix() for local in config.get("file_mounts", {}).values()}
+    for needed in ("pyproject.toml", "constraints.txt", "gan_core", "services", "tuning"):
+        if needed not in mounted:
+            problems.append(f"file_mounts must copy {needed} of this checkout to the nodes")
+    for bad in (".", ".venv", "runs", "mlruns"):
+        if bad in mounted:
+            problems.append(f"file_mounts copies {bad!r} (ray up hashes and syncs all of it)")
+    return problems
+
+
+def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
+    joined = re.sub(r"\\\n", " ", text)
+    out = []
+    for line in joined.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            instruction, _, rest = line.partition(" ")
+            out.append((instruction.upper(), rest.strip()))
+    return out
+
+
+def dockerfile_problems(text: str) -> list[str]:
+    steps = dockerfile_instructions(text)
+    problems = []
+    bases = [rest for ins, rest in steps if ins == "FROM"]
+    if bases != [RAY_GPU_IMAGE]:
+        problems.append(f"FROM {bases} != [{RAY_GPU_IMAGE}] (ray pinned in constraints.txt)")
+    runs = " && ".join(rest for ins, rest in steps if ins == "RUN")
+    if not re.search(r"grep -v '\^torch==' constraints\.txt", runs):
+        problems.append("the CPU torch pin of constraints.txt must be filtered out (grep -v)")
+    if not re.search(r"pip install [^&]*torch", runs):
+        problems.append("no pip install of torch (the GPU build)")
+    if not re.search(r"pip install [^&]*-c \S+ [^&]*\.(\s|$)", runs):
+        problems.append("the project is not installed with the constraints (pip install -c ... .)")
+    if re.search(r"-c constraints\.txt", runs):
+        problems.append("installs against the unfiltered constraints.txt (its CPU torch pin)")
+    copied = " ".join(rest for ins, rest in steps if ins in ("COPY", "ADD"))
+    for package in ("gan_core", "services", "tuning", "pyproject.toml"):
+        if package not in copied:
+            problems.append(f"{package} is not copied into the image")
+    sources = [
+        word
+        for ins, rest in steps
+        if ins in ("COPY", "ADD")
+        for word in rest.split()[:-1]
+        if not word.startswith("--")
+    ]
+    if "." in sources and not (REPO / ".dockerignore").is_file():
+        problems.append("COPY . without a .dockerignore sends .venv, runs/ and mlruns/ along")
+    for bad in (".venv", "runs", "mlruns", ".git"):
+        if bad in sources:
+            problems.append(f"COPY {bad} into the image")
+    for ins, rest in steps:
+        if ins in ("ENV", "ARG"):
+            name = re.split(r"[=\s]", rest, maxsplit=1)[0]
+            if looks_like_credential(name):
+                problems.append(f"{ins} {name}: no credentials in the image")
+    if AWS_KEY_ID.search(text):
+        problems.append("an AWS access key id in the Dockerfile")
+    return problems
+
+
+# ---------------------------------------------------------------- shared fixtures
+
+
+@pytest.fixture(scope="module")
+def config() -> dict[str, dict[str, Any]]:
+    return config_objects()
+
+
+@pytest.fixture(scope="module")
+def raycluster() -> dict[str, Any]:
+    (doc,) = load_docs(RAYCLUSTER_YAML)
+    return doc
+
+
+def all_commands() -> list[tuple[str, str, dict[str, str]]]:
+    """(where, command, env the command is expanded with) for every python -m shown in deploy/."""
+    configmap = config_objects()["ConfigMap"]
+    found: list[tuple[str, str, dict[str, str]]] = []
+    for path in RAYJOB_YAMLS:
+        (job,) = load_docs(path)
+        submitter = job["spec"]["submitterPodTemplate"]["spec"]["containers"][0]
+        found.append((path.name, job["spec"]["entrypoint"], container_env(submitter, configmap)))
+    aws_comments = "\n".join(
+        re.sub(r"^\s*# ?", "", line)
+        for line in AWS_YAML.read_text().splitlines()
+        if line.lstrip().startswith("#")
+    )
+    found += [("aws/cluster.yaml", c, {}) for c in python_commands(aws_comments)]
+    docker_runs = " \n".join(
+        rest for ins, rest in dockerfile_instructions(DOCKERFILE.read_text()) if ins == "RUN"
+    )
+    found += [("Dockerfile", c, {}) for c in python_commands(docker_runs)]
+    # The README's code blocks (its prose quotes command shapes such as `--config PRESET`).
+    blocks = re.findall(r"^\s*```\w*\n(.*?)^\s*```", README.read_text(), re.M | re.S)
+    found += [("README.md", c, {}) for block in blocks for c in python_commands(block)]
+    return found
+
+
+COMMANDS = all_commands()
+
+
+# ---------------------------------------------------------------- tests: parsing and schema
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_schemas_are_valid_json_schemas(name: str) -> None:
+    jsonschema.Draft202012Validator.check_schema(SCHEMAS[name])
+
+
+@pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: p.name)
+def test_every_yaml_file_parses(path: Path) -> None:
+    docs = load_docs(path)
+    assert docs, f"{path} holds no document"
+    assert all(isinstance(doc, dict) for doc in docs), f"{path}: a document is not a mapping"
+
+
+def test_config_yaml_holds_the_configmap_the_account_and_a_secret_example() -> None:
+    assert sorted(doc["kind"] for doc in load_docs(CONFIG_YAML)) == ["ConfigMap", "ServiceAccount"]
+    objects = config_objects()
+    assert objects["ConfigMap"]["metadata"]["name"] == CONFIG_MAP
+    assert objects["Secret"]["metadata"]["name"] == SECRET
+
+
+@pytest.mark.parametrize("where,doc", kuberay_docs(), ids=[w for w, _ in kuberay_docs()])
+def test_kubernetes_objects_match_the_schema(where: str, doc: dict[str, Any]) -> None:
+    assert schema_problems(doc) == []
+
+
+def test_the_secret_example_matches_the_schema() -> None:
+    assert schema_problems(secret_example()) == []
+
+
+DELETE = object()
+
+
+def _set(doc: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """A deep copy of ``doc`` with ``path`` set to ``value`` (or removed, for DELETE).
+
+    ``path`` is dotted (``spec.workerGroupSpecs.0.replicas``); a key holding dots goes in
+    brackets (``limits[nvidia.com/gpu]``).
+    """
+    out = copy.deepcopy(doc)
+    *parents, last = [a or b for a, b in re.findall(r"\[([^\]]+)\]|([^.\[\]]+)", path)]
+    node: Any = out
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    if value is DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return out
+
+
+WORKER = "spec.workerGroupSpecs.0"
+WORKER_CONTAINER = f"{WORKER}.template.spec.containers.0"
+HEAD_CONTAINER = "spec.headGroupSpec.template.spec.containers.0"
+BROKEN_CLUSTERS = {
+    "typo'd worker field": (f"{WORKER}.minReplica", 0),
+    "typo'd spec field": ("spec.workerGroupSpec", []),
+    "rayStartParams value not a string": ("spec.headGroupSpec.rayStartParams.num-cpus", 0),
+    "container without limits": (f"{HEAD_CONTAINER}.resources", {"requests": {"cpu": "1"}}),
+    "container without image": (f"{HEAD_CONTAINER}.image", DELETE),
+    "env with neither value nor valueFrom": (f"{HEAD_CONTAINER}.env", [{"name": "X"}]),
+    "env with both": (
+        f"{HEAD_CONTAINER}.env",
+        [{"name": "X", "value": "1", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+    ),
+    "bad quantity": (f"{WORKER_CONTAINER}.resources.limits.memory", "12 gigabytes"),
+    "unknown resource": (f"{WORKER_CONTAINER}.resources.limits.nvidia/gpu", 1),
+    "wrong apiVersion": ("apiVersion", "ray.io/v1alpha1"),
+}
+
+
+@pytest.mark.parametrize("path,value", BROKEN_CLUSTERS.values(), ids=list(BROKEN_CLUSTERS))
+def test_the_schema_rejects_a_broken_raycluster(
+    raycluster: dict[str, Any], path: str, value: Any
+) -> None:
+    assert schema_problems(raycluster) == []
+    assert schema_problems(_set(raycluster, path, value))
+
+
+def test_the_schema_rejects_a_broken_rayjob() -> None:
+    (job,) = load_docs(RAYJOB_YAMLS[0])
+    assert schema_problems(job) == []
+    assert schema_problems(_set(job, "spec.shutdownAfterJobFinished", True))  # typo
+    assert schema_problems(_set(job, "spec.submissionMode", "K8sMode"))
+    assert schema_problems(_set(job, "spec.entrypoint", ""))
+    assert schema_problems(_set(job, "spec.clusterSelector", {"ray.io/cluster": "raygan"}))
+    assert schema_problems(_set(job, "spec.rayClusterSpec", DELETE))  # neither cluster nor selector
+    assert schema_problems({**job, "kind": "RayService"})
+
+
+# ---------------------------------------------------------------- tests: credentials
+
+
+@pytest.mark.parametrize("where,doc", kuberay_docs(), ids=[w for w, _ in kuberay_docs()])
+def test_no_plaintext_credentials_in_manifests(where: str, doc: dict[str, Any]) -> None:
+    assert credential_problems(doc) == []
+
+
+@pytest.mark.parametrize(
+    "path", (*YAML_FILES, DOCKERFILE, README), ids=lambda p: str(p.relative_to(DEPLOY))
+)
+def test_no_access_key_shaped_text_in_deploy_files(path: Path) -> None:
+    assert not AWS_KEY_ID.search(path.read_text())
+
+
+def test_the_secret_example_holds_only_placeholders() -> None:
+    example = secret_example()
+    assert example["stringData"], "the example Secret names no keys"
+    assert set(example["stringData"].values()) == {PLACEHOLDER}
+
+
+def test_the_credential_check_rejects_plaintext_secrets(
+    raycluster: dict[str, Any], config: dict[str, dict[str, Any]]
+) -> None:
+    plaintext = _set(
+        raycluster, f"{HEAD_CONTAINER}.env", [{"name": "AWS_SECRET_ACCESS_KEY", "value": "abc"}]
+    )
+    from_configmap = _set(
+        raycluster,
+        f"{WORKER_CONTAINER}.env",
+        [
+            {
+                "name": "MLFLOW_TRACKING_PASSWORD",
+                "valueFrom": {"configMapKeyRef": {"name": CONFIG_MAP, "key": "PASSWORD"}},
+            }
+        ],
+    )
+    key_id = _set(raycluster, "metadata.labels.owner", "AKIA" + "ABCDEFGHIJKLMNOP")
+    (job,) = load_docs(RAYJOB_YAMLS[0])
+    runtime_env = _set(job, "spec.runtimeEnvYAML", "env_vars:\n  AWS_SESSION_TOKEN: xyz\n")
+    configmap = _set(config["ConfigMap"], "data.API_TOKEN", "xyz")
+    for broken in (plaintext, from_configmap, key_id, runtime_env, configmap):
+        assert credential_problems(broken), broken
+
+
+# ---------------------------------------------------------------- tests: cluster shape
+
+
+@pytest.mark.parametrize("path", (RAYCLUSTER_YAML, *RAYJOB_YAMLS), ids=lambda p: p.name)
+def test_cluster_shape_and_references(path: Path, config: dict[str, dict[str, Any]]) -> None:
+    (doc,) = load_docs(path)
+    assert cluster_problems(doc, config) == []
+
+
+def test_the_cluster_check_rejects_a_broken_cluster(
+    raycluster: dict[str, Any], config: dict[str, dict[str, Any]]
+) -> None:
+    assert cluster_problems(raycluster, config) == []
+    limits = f"{WORKER_CONTAINER}.resources.limits"
+    broken = {
+        "old ray": _set(raycluster, "spec.rayVersion", "2.59.0"),
+        "min > replicas": _set(raycluster, f"{WORKER}.minReplicas", 3),
+        "replicas > max": _set(raycluster, f"{WORKER}.replicas", 9),
+        "no GPU": _set(raycluster, f"{limits}[{GPU}]", DELETE),
+        "no autoscaling": _set(raycluster, "spec.enableInTreeAutoscaling", False),
+        "GPU head": _set(raycluster, f"{HEAD_CONTAINER}.resources.limits[{GPU}]", 1),
+        "two images": _set(raycluster, f"{HEAD_CONTAINER}.image", "rayproject/ray:latest"),
+        "unknown account": _set(
+            raycluster, "spec.headGroupSpec.template.spec.serviceAccountName", "default2"
+        ),
+        "unknown secret key": _set(
+            raycluster, f"{HEAD_CONTAINER}.env.2.valueFrom.secretKeyRef.key", "AWS_KEY"
+        ),
+        "required secret": _set(
+            raycluster, f"{HEAD_CONTAINER}.env.2.valueFrom.secretKeyRef.optional", False
+        ),
+        "token auth off": _set(raycluster, f"{HEAD_CONTAINER}.env.0.value", "disabled"),
+        "optional token": _set(
+            raycluster, f"{HEAD_CONTAINER}.env.1.valueFrom.secretKeyRef.optional", True
+        ),
+    }
+    for name, doc in broken.items():
+        assert cluster_problems(doc, config), name
+
+
+def test_ray_version_matches_constraints() -> None:
+    versions = {cluster_spec(doc)["rayVersion"] for _, doc in kuberay_docs() if "spec" in doc}
+    assert versions == {RAY_VERSION}
+    assert RAY_GPU_IMAGE in DOCKERFILE.read_text()
+    assert load_docs(AWS_YAML)[0]["docker"]["image"] == RAY_GPU_IMAGE
+
+
+@pytest.mark.parametrize("path", RAYJOB_YAMLS, ids=lambda p: p.name)
+def test_rayjobs_carry_the_raycluster_spec(
+    path: Path, raycluster: dict[str, Any], config: dict[str, dict[str, Any]]
+) -> None:
+    (job,) = load_docs(path)
+    assert rayjob_problems(job, raycluster, config["ConfigMap"]) == []
+
+
+def test_the_rayjob_check_rejects_drift(
+    raycluster: dict[str, Any], config: dict[str, dict[str, Any]]
+) -> None:
+    (job,) = load_docs(RAYJOB_YAMLS[0])
+    cm = config["ConfigMap"]
+    smaller = _set(job, "spec.rayClusterSpec.workerGroupSpecs.0.maxReplicas", 2)
+    assert rayjob_problems(smaller, raycluster, cm)
+    assert rayjob_problems(_set(job, "spec.shutdownAfterJobFinishes", False), raycluster, cm)
+    assert rayjob_problems(_set(job, "spec.ttlSecondsAfterFinished", 0), raycluster, cm)
+    unset = _set(job, "spec.entrypoint", job["spec"]["entrypoint"] + " name=$RAYGAN_RUN_NAME")
+    assert rayjob_problems(unset, raycluster, cm)
+    no_env = _set(job, "spec.submitterPodTemplate.spec.containers.0.envFrom", DELETE)
+    assert rayjob_problems(no_env, raycluster, cm)
+
+
+# ---------------------------------------------------------------- tests: the commands
+
+
+def test_every_place_shows_its_commands() -> None:
+    modules: dict[str, set[str]] = {}
+    for where, command, _ in COMMANDS:
+        modules.setdefault(where, set()).add(shlex.split(command)[2])
+    assert modules == {
+        "rayjob-train.yaml": {"services.train"},
+        "rayjob-sweep.yaml": {"tuning.sweep"},
+        "aws/cluster.yaml": {"services.train", "tuning.sweep"},
+        "Dockerfile": {"services.train"},
+        "README.md": {"services.train", "tuning.sweep", "deploy.local.stack"},
+    }
+
+
+@pytest.mark.parametrize(
+    "where,command,env", COMMANDS, ids=[f"{w}:{c[:60]}" for w, c, _ in COMMANDS]
+)
+def test_commands_name_real_modules_presets_spaces_and_keys(
+    where: str, command: str, env: dict[str, str]
+) -> None:
+    assert command_problems(command, env) == []
+
+
+BAD_COMMANDS = {
+    "no such module": "python -m services.trian --config ring8",
+    "no such preset": "python -m services.train --config ring9",
+    "no such key": "python -m services.train --config ring8 resources.use_gpus=true",
+    "invalid value": "python -m services.train --config ring8 resources.num_workers=0",
+    "no such option": "python -m services.train --configs ring8",
+    "no such space": "python -m tuning.sweep --space collaps --config ring8",
+    "no such scheduler": "python -m tuning.sweep --space collapse --scheduler hyperband",
+    "bad sweep key": "python -m tuning.sweep --space collapse train.step=10",
+    "grid breaks": "python -m tuning.sweep --space collapse train.batch_size=100",
+    "unset variable": "python -m services.train storage.uri=$NOT_IN_THE_CONFIGMAP",
+}
+
+
+@pytest.mark.parametrize("command", BAD_COMMANDS.values(), ids=list(BAD_COMMANDS))
+def test_the_command_check_rejects_bad_commands(command: str) -> None:
+    assert command_problems(command)
+
+
+def test_commands_are_found_in_shell_text() -> None:
+    text = (
+        "x && .venv/bin/python -m services.train --config ring8 \\\n"
+        "    a.b=1 > /dev/null  # comment\n"
+        "`python -m tuning.report runs/x` and more\n"
+        "RUN pip install . && python -m services.train --help > /dev/null\n"
+    )
+    assert python_commands(text) == [
+        "python -m services.train --config ring8 a.b=1",
+        "python -m tuning.report runs/x",
+        "python -m services.train --help",
+    ]
+
+
+@pytest.mark.parametrize("path", RAYJOB_YAMLS, ids=lambda p: p.name)
+def test_rayjobs_fit_the_gpu_workers(path: Path, config: dict[str, dict[str, Any]]) -> None:
+    (job,) = load_docs(path)
+    submitter = job["spec"]["submitterPodTemplate"]["spec"]["containers"][0]
+    env = container_env(submitter, config["ConfigMap"])
+    slots = gpu_capacity(job["spec"]["rayClusterSpec"])
+    assert job_fit_problems(job["spec"]["entrypoint"], slots, env) == []
+
+
+def test_cluster_commands_fit_the_gpu_workers(raycluster: dict[str, Any]) -> None:
+    aws = load_docs(AWS_YAML)[0]
+    aws_slots = sum(
+        t.get("max_workers", 0) * t["resources"].get("GPU", 0)
+        for t in aws["available_node_types"].values()
+    )
+    k8s_slots = gpu_capacity(raycluster["spec"])
+    for where, command, env in COMMANDS:
+        if where == "aws/cluster.yaml":
+            assert job_fit_problems(command, aws_slots, env) == []
+        if where == "README.md" and "resources.use_gpu=true" in command:
+            assert job_fit_problems(command, min(aws_slots, k8s_slots), env) == []
+
+
+def test_the_fit_check_rejects_jobs_too_big_or_on_cpu() -> None:
+    train = "python -m services.train --config ring8 resources.use_gpu=true"
+    assert job_fit_problems(f"{train} resources.num_workers=9", 8)
+    assert job_fit_problems("python -m services.train --config ring8", 8)  # use_gpu off
+    sweep = "python -m tuning.sweep --space collapse resources.use_gpu=true"
+    assert job_fit_problems(f"{sweep} --max-concurrent 5 --workers-per-trial 2", 8)
+    assert job_fit_problems(sweep, 8)  # no --max-concurrent
+    assert job_fit_problems(f"{sweep} --max-concurrent 4 --workers-per-trial 2", 8) == []
+
+
+# ---------------------------------------------------------------- tests: ray up, Docker, README
+
+
+def test_aws_cluster_config_passes_rays_schema_and_ours() -> None:
+    (config,) = load_docs(AWS_YAML)
+    assert aws_problems(config) == []
+
+
+def test_the_aws_check_rejects_broken_configs() -> None:
+    (config,) = load_docs(AWS_YAML)
+    gpu = "available_node_types.gpu_worker"
+    setup, pins = config["setup_commands"], "~/raygan/constraints.txt"
+    broken = {
+        "typo (Ray's schema)": _set(config, "max_worker", 8),
+        "typo in a node type": _set(config, f"{gpu}.min_worker", 0),
+        "min > global max": _set(config, f"{gpu}.min_workers", 9),
+        "max > global max": _set(config, f"{gpu}.max_workers", 9),
+        "no instance role": _set(config, f"{gpu}.node_config.IamInstanceProfile", DELETE),
+        "keys in setup": _set(
+            config, "setup_commands", [*setup, "aws configure set aws_access_key_id x"]
+        ),
+        "CPU workers only": _set(config, f"{gpu}.node_config.InstanceType", "m5.xlarge"),
+        "other ray image": _set(config, "docker.image", "rayproject/ray:latest-gpu"),
+        "project not mounted": _set(config, "file_mounts", {"~/raygan/tuning": "./tuning"}),
+        "whole checkout mounted": _set(config, "file_mounts", {"~/raygan": "."}),
+        "CPU torch pin kept": _set(
+            config, "setup_commands", [f"pip install -c {pins} -e ~/raygan"]
+        ),
+    }
+    for name, doc in broken.items():
+        assert aws_problems(doc), name
+
+
+def test_dockerfile() -> None:
+    assert dockerfile_problems(DOCKERFILE.read_text()) == []
+
+
+def test_the_dockerfile_check_rejects_broken_dockerfiles() -> None:
+    text = DOCKERFILE.read_text()
+    assert dockerfile_problems(text.replace(f"ray:{RAY_VERSION}-", "ray:2.59.0-"))
+    assert dockerfile_problems(text.replace("-gpu\n", "-cpu\n"))
+    assert dockerfile_problems(text + "ENV AWS_SECRET_ACCESS_KEY=abc\n")
+    assert dockerfile_problems(text + "ARG MLFLOW_TRACKING_TOKEN\n")
+    assert dockerfile_problems(text.replace("grep -v '^torch=='", "cat"))
+    assert dockerfile_problems(
+        text.replace("-c /home/ray/constraints-gpu.txt", "-c constraints.txt")
+    )
+    assert dockerfile_problems(text + "COPY .venv /home/ray/venv\n")
+    if not (REPO / ".dockerignore").is_file():
+        assert dockerfile_problems(text + "COPY . /home/ray/raygan\n")
+
+
+def test_readme_names_real_files_and_make_targets() -> None:
+    text = README.read_text()
+    paths = set(re.findall(r"\b(?:deploy|tests)/[\w./-]*\w", text))
+    assert paths, "the README names no file"
+    missing = sorted(p for p in paths if not (REPO / p).exists())
+    assert missing == []
+    targets = set(re.findall(r"^\.?\w[\w.-]*:", (REPO / "Makefile").read_text(), re.M))
+    for target in re.findall(r"\bmake (\w+)", text):
+        assert f"{target}:" in targets, f"make {target}: no such target in the Makefile"
