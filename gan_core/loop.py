@@ -97,7 +97,11 @@ class GanRun:
         return sample_noise(self.model, n, rng, "cpu").to(self.device)
 
     def next_real(self) -> Tensor:
-        return self.dataset.sample(self.cfg.train.batch_size, self.data_rng).to(self.device)
+        batch = self.dataset.sample(self.cfg.train.batch_size, self.data_rng)
+        if self.device.startswith("cuda"):
+            # Page-locked host memory lets the copy run asynchronously with the step.
+            return batch.pin_memory().to(self.device, non_blocking=True)
+        return batch.to(self.device)
 
     def train_step(self) -> dict[str, float]:
         # The streams are a function of (seed, rank, step), not carried state: a resumed run,

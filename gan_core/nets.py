@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from gan_core.config import ACTIVATIONS, GanConfig
 
 DCGAN_SIDES = (8, 16, 32)
+_CONVS = (nn.Conv2d, nn.ConvTranspose2d)
 
 
 def make_activation(name: str) -> nn.Module:
@@ -388,6 +389,26 @@ class Encoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+
+def has_convs(net: nn.Module) -> bool:
+    """Whether ``net`` holds a 2D convolution (a DCGAN-style net) rather than only linear layers."""
+    return any(isinstance(m, _CONVS) for m in net.modules())
+
+
+def to_channels_last(net: nn.Module) -> bool:
+    """Store ``net``'s 4D weights NHWC (``torch.channels_last``) in place; False for an MLP.
+
+    Why: cuDNN's tensor-core convolutions work on NHWC data, and with NCHW tensors every conv
+    pays a layout transform. A conv whose weight is channels_last returns a channels_last output
+    whatever its input's layout, so converting the weights (plus the real batch at D's input, see
+    ``gan_core.steps``) keeps every conv activation NHWC. An MLP has no 4D weights: nothing to do.
+    Values, parameter names and state-dict keys are unchanged; only strides differ.
+    """
+    if not has_convs(net):
+        return False
+    net.to(memory_format=torch.channels_last)
+    return True
 
 
 def packed_shape(data_shape: tuple[int, ...], pack: int) -> tuple[int, ...]:

@@ -6,24 +6,50 @@ is simply a config. The step is written for DDP from the start (ARCHITECTURE.md,
 DDP"): G and D may each be wrapped separately; D sees real and fake in ONE forward; in the G phase
 D is frozen and called through its unwrapped module so it neither accumulates nor all-reduces
 gradients; the unroll look-ahead is functional and local to the process.
+
+The GPU path is configuration too (``cfg.train``; see docs/GPU.md): ``precision`` (fp32 | bf16 |
+fp16: autocast around every network forward, two GradScalers for fp16, ``gan_core.precision``),
+``channels_last`` (NHWC conv weights and image batches) and ``compile`` (``torch.compile`` of the
+networks that are never double-differentiated). With all three at their defaults the step is
+exactly the plain float32 step.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from gan_core import objectives as obj
 from gan_core.config import GanConfig, OptimizerConfig
-from gan_core.nets import build_discriminator, build_encoder, build_generator, pack_samples
+from gan_core.nets import (
+    build_discriminator,
+    build_encoder,
+    build_generator,
+    pack_samples,
+    to_channels_last,
+)
+from gan_core.precision import (
+    autocast_call,
+    loss_scale,
+    make_scaler,
+    scaled_penalty_critic,
+    scaled_step,
+)
 from gan_core.unroll import functional_discriminator, lookahead_params
 
 Critic = Callable[..., Tensor]
+# torch.compile backend for train.compile: inductor, unless this environment variable names another
+# (e.g. aot_eager, to tell a compiler bug from a tracing one). RAYGAN_* variables reach Ray workers.
+COMPILE_BACKEND_ENV = "RAYGAN_COMPILE_BACKEND"
+# Optional state-dict entries: present only for fp16 (see GanModel.load_state_dict).
+_SCALER_KEYS = ("g_scaler", "d_scaler")
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -66,6 +92,14 @@ class GanModel:
     step: int = 0
     # Multiplies both scheduled learning rates; < 1 after a non-finite rollback (GanRun).
     lr_scale: float = 1.0
+    # The GPU path, set by build_model from cfg.train: the device type autocast runs on, one
+    # GradScaler per network for fp16 (None otherwise), whether image batches are made NHWC for
+    # D, and the names of the networks whose forward torch.compile has compiled.
+    device_type: str = "cpu"
+    g_scaler: torch.amp.GradScaler | None = None
+    d_scaler: torch.amp.GradScaler | None = None
+    channels_last: bool = False
+    compiled: tuple[str, ...] = ()
 
     def wrap(self, wrapper: Callable[[nn.Module], nn.Module]) -> None:
         """Wrap each network on its own (never one module holding both G and D)."""
@@ -73,6 +107,11 @@ class GanModel:
         self.discriminator = wrapper(self.discriminator)
         if self.encoder is not None:
             self.encoder = wrapper(self.encoder)
+
+    def amp(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` (a network or critic) run under this run's autocast, float32 outputs; for fp32
+        ``fn`` itself."""
+        return autocast_call(fn, self.cfg.train.precision, self.device_type)
 
     def sampler(self, use_ema: bool = True) -> nn.Module:
         return self.ema if (use_ema and self.ema is not None) else unwrap(self.generator)
@@ -90,7 +129,9 @@ class GanModel:
         return out.reshape(-1, *self.data_shape)
 
     def state_dict(self) -> dict:
-        """Weights (unwrapped: no ``module.`` prefixes), optimizer moments, EMA and step."""
+        """Weights (unwrapped: no ``module.`` prefixes), optimizer moments, EMA and step; with
+        fp16 also both GradScalers (scale and growth tracker), so a resumed run scales exactly
+        as an uninterrupted one. Other precisions keep the exact fp32 key set."""
         state = {
             "generator": unwrap(self.generator).state_dict(),
             "discriminator": unwrap(self.discriminator).state_dict(),
@@ -102,12 +143,22 @@ class GanModel:
             state["encoder"] = unwrap(self.encoder).state_dict()
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
+        for key in _SCALER_KEYS:
+            scaler = getattr(self, key)
+            if scaler is not None:
+                state[key] = scaler.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Strict: a checkpoint of another architecture or variant fails loudly, never partly."""
+        """Strict: a checkpoint of another architecture or variant fails loudly, never partly.
+
+        The GradScalers are the one exception: precision changes the arithmetic, not what is
+        learned, so a checkpoint of another precision loads; an fp16 run resumed from one
+        without scalers starts them fresh, and scalers in the checkpoint of an fp16 run are
+        ignored by a run in another precision.
+        """
         expected = set(self.state_dict())
-        if set(state) != expected:
+        if set(state) - set(_SCALER_KEYS) != expected - set(_SCALER_KEYS):
             raise ValueError(
                 f"checkpoint holds {sorted(state)}, this config needs {sorted(expected)}"
             )
@@ -119,24 +170,79 @@ class GanModel:
             self.ema.load_state_dict(state["ema"], strict=True)
         self.g_opt.load_state_dict(state["g_opt"])
         self.d_opt.load_state_dict(state["d_opt"])
+        for key in _SCALER_KEYS:
+            scaler = getattr(self, key)
+            if scaler is not None and key in state:
+                scaler.load_state_dict(state[key])
         self.step = int(state["step"])
+
+
+def needs_double_backward(cfg: GanConfig) -> bool:
+    """Whether the step differentiates through D's own gradient: a gradient penalty (WGAN-GP,
+    DRAGAN with a positive weight) or a second-order unroll look-ahead."""
+    o = cfg.objective
+    penalty = o.name in ("wgan-gp", "dragan") and o.gp_weight > 0
+    return penalty or (cfg.unroll.steps > 0 and cfg.unroll.second_order)
+
+
+def compile_networks(model: GanModel, backend: str | None = None) -> tuple[str, ...]:
+    """``torch.compile`` the forward of G, MRGAN's encoder and, when safe, D, in place.
+
+    In place (``nn.Module.compile``) rather than an ``OptimizedModule`` wrapper: parameter names
+    and checkpoint keys stay the same, DDP can still wrap the module afterwards, and the G phase's
+    call to D's unwrapped module runs the compiled code too. D stays eager when the step
+    double-differentiates through it (``needs_double_backward``): AOTAutograd's compiled backward
+    raises "torch.compile with aot_autograd does not currently support double backward" there.
+    The first-order look-ahead (``torch.func.functional_call`` on D) runs through the compiled
+    D unchanged. Returns the names of the compiled networks (also kept in ``model.compiled``).
+    """
+    backend = backend or os.environ.get(COMPILE_BACKEND_ENV) or "inductor"
+    # nn.Module.compile compiles Module._call_impl, one code object shared by every compiled
+    # network, so the graph variants of G, D and the encoder together (grad mode, frozen D,
+    # ``groups``, batch shapes, evaluation) count against one recompile limit: 7 were measured
+    # for MRGAN + unroll + evaluation against the default limit of 8, past which dynamo runs the
+    # forward eagerly without saying so. Graphs are shared between instances of a class, so
+    # the count does not grow with the number of models.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    names = ["generator", "encoder"]
+    if not needs_double_backward(model.cfg):
+        names.append("discriminator")
+    done = []
+    for name in names:
+        net = getattr(model, name)
+        if net is not None:
+            unwrap(net).compile(backend=backend)
+            done.append(name)
+    model.compiled = tuple(done)
+    return model.compiled
 
 
 def build_model(
     cfg: GanConfig, data_shape: tuple[int, ...], device: torch.device | str = "cpu"
 ) -> GanModel:
-    """Networks, optimizers and EMA for ``cfg``; the caller seeds torch beforehand."""
+    """Networks, optimizers, EMA and (fp16) GradScalers for ``cfg`` on ``device``, in the memory
+    layout and compiled state ``cfg.train`` asks for; the caller seeds torch beforehand."""
     generator = build_generator(cfg, data_shape).to(device)
     discriminator = build_discriminator(cfg, data_shape).to(device)
     encoder = build_encoder(cfg, data_shape)
     if encoder is not None:
         encoder = encoder.to(device)
+    channels_last = False
+    if cfg.train.channels_last:
+        # Before the EMA copy (which then shares the layout) and before compiling (which traces
+        # the layout it sees). Only D's layout decides whether the real batch is made NHWC.
+        to_channels_last(generator)
+        if encoder is not None:
+            to_channels_last(encoder)
+        channels_last = to_channels_last(discriminator)
     # MRGAN's encoder learns with the generator: both minimise the G-side objective.
     g_params = list(generator.parameters()) + (list(encoder.parameters()) if encoder else [])
     ema = None
     if cfg.train.ema > 0:
+        # Copied before compiling: the EMA generator only samples, in evaluation, and stays eager.
         ema = copy.deepcopy(generator).requires_grad_(False)
-    return GanModel(
+    device_type = torch.device(device).type
+    model = GanModel(
         cfg=cfg,
         data_shape=tuple(data_shape),
         generator=generator,
@@ -145,7 +251,14 @@ def build_model(
         g_opt=make_optimizer(g_params, cfg.g_optim),
         d_opt=make_optimizer(list(discriminator.parameters()), cfg.d_optim),
         ema=ema,
+        device_type=device_type,
+        g_scaler=make_scaler(cfg.train.precision, device_type),
+        d_scaler=make_scaler(cfg.train.precision, device_type),
+        channels_last=channels_last,
     )
+    if cfg.train.compile:
+        compile_networks(model)
+    return model
 
 
 def sample_noise(
@@ -169,11 +282,14 @@ def discriminator_loss(
     fake_generator: Tensor,
     rng: torch.Generator | None = None,
     penalties: bool = True,
+    grad_scale: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """D's loss for the configured objective with real and fake in a single forward.
 
     ``penalties=False`` drops gradient penalties: the unroll look-ahead uses that, because
     differentiating a penalty through k look-ahead steps would need third-order gradients.
+    ``grad_scale`` (fp16: D's GradScaler scale) scales the penalties' inner backward and unscales
+    the input gradient they are computed from (``precision.scaled_penalty_critic``).
     """
     o, pack = cfg.objective, cfg.discriminator.pack
     n_real = real.shape[0]
@@ -198,7 +314,10 @@ def discriminator_loss(
         loss = obj.wgan_d_loss(real_out, fake_out)
         if penalties and o.gp_weight > 0:
             gp = obj.gradient_penalty(
-                lambda x: d(x, groups=1), pack_samples(real, pack), pack_samples(fake, pack), rng
+                scaled_penalty_critic(lambda x: d(x, groups=1), grad_scale),
+                pack_samples(real, pack),
+                pack_samples(fake, pack),
+                rng,
             )
             logs["penalty"] = gp
             loss = loss + o.gp_weight * gp
@@ -207,7 +326,10 @@ def discriminator_loss(
     loss = obj.gan_d_loss(real_out, fake_out)
     if o.name == "dragan" and penalties and o.gp_weight > 0:
         gp = obj.dragan_penalty(
-            lambda x: d(x, groups=1), pack_samples(real, pack), o.dragan_noise, rng
+            scaled_penalty_critic(lambda x: d(x, groups=1), grad_scale),
+            pack_samples(real, pack),
+            o.dragan_noise,
+            rng,
         )
         logs["penalty"] = gp
         loss = loss + o.gp_weight * gp
@@ -254,30 +376,53 @@ def update_ema(model: GanModel) -> None:
         b_ema.copy_(b)
 
 
+def _nhwc(model: GanModel, x: Tensor) -> Tensor:
+    """An image batch in channels_last when D's convs are (a no-op otherwise and for points)."""
+    if model.channels_last and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 def train_step(
     model: GanModel,
     next_real: Callable[[], Tensor],
     rng: torch.Generator,
     device: torch.device | str = "cpu",
 ) -> dict[str, float]:
-    """One G update preceded by ``n_critic`` D updates. Returns scalar metrics of this step."""
+    """One G update preceded by ``n_critic`` D updates. Returns scalar metrics of this step.
+
+    With fp16 the metrics also hold both scales (``amp_scale_d``, ``amp_scale_g``) and
+    ``amp_skipped``, the number of optimizer steps the scalers skipped for inf/NaN gradients
+    (normal while the scale calibrates; skipped steps leave weights and moments untouched).
+    """
     cfg = model.cfg
     count, batch = cfg.generators.count, cfg.train.batch_size
     G, D = model.generator, model.discriminator
+    # Every network forward goes through model.amp: autocast plus float32 outputs, so losses,
+    # penalties and the look-ahead's update arithmetic stay float32. For fp32 these are G and D.
+    G_amp, D_amp = model.amp(G), model.amp(D)
     fake_generator = torch.arange(count, device=device).repeat_interleave(batch // count)
     _set_lr(model)
+    skipped = 0
 
     # D phase: fakes are generated without a graph; D sees real and fake in one forward.
     d_logs: dict[str, Tensor] = {}
     for _ in range(cfg.objective.n_critic):
-        real = next_real()
+        real = _nhwc(model, next_real())
         with torch.no_grad():
-            fake = G(sample_noise(model, batch, rng, device)).reshape(batch, *model.data_shape)
-        d_loss, d_logs = discriminator_loss(cfg, D, real, fake, fake_generator, rng)
+            fake = G_amp(sample_noise(model, batch, rng, device)).reshape(batch, *model.data_shape)
+        d_loss, d_logs = discriminator_loss(
+            cfg,
+            D_amp,
+            real,
+            fake,
+            fake_generator,
+            rng,
+            grad_scale=loss_scale(model.d_scaler, device),
+        )
         d_logs = {k: v.detach() for k, v in d_logs.items()}
         model.d_opt.zero_grad(set_to_none=True)
-        d_loss.backward()
-        model.d_opt.step()
+        skipped += not scaled_step(d_loss, model.d_opt, model.d_scaler)
 
     # G phase: D frozen and called unwrapped, so DDP neither syncs nor accumulates its grads.
     d_inner = unwrap(D)
@@ -287,21 +432,21 @@ def train_step(
         encoder = model.encoder
         if encoder is not None:
             # MRGAN: G(z) and G(E(x)) in one generator forward (one forward per backward under DDP).
-            z_rec = encoder(real).reshape(count, -1, cfg.generators.z_dim)
-            out = G(torch.cat([z, z_rec], dim=1))
+            z_rec = model.amp(encoder)(real).reshape(count, -1, cfg.generators.z_dim)
+            out = G_amp(torch.cat([z, z_rec], dim=1))
             m = z.shape[1]
             fake_grouped, recon = out[:, :m], out[:, m:].reshape(-1, *model.data_shape)
         else:
-            fake_grouped = G(z)
+            fake_grouped = G_amp(z)
         fake = fake_grouped.reshape(batch, *model.data_shape)
 
-        critic: Critic = d_inner
+        critic: Critic = model.amp(d_inner)
         if cfg.unroll.steps > 0:
             unroll_fake = fake if cfg.unroll.second_order else fake.detach()
             params = lookahead_params(
                 d_inner,
                 lambda call: discriminator_loss(
-                    cfg, call, real, unroll_fake, fake_generator, rng, penalties=False
+                    cfg, model.amp(call), real, unroll_fake, fake_generator, rng, penalties=False
                 )[0],
                 steps=cfg.unroll.steps,
                 optimizer=cfg.d_optim.name,
@@ -309,8 +454,10 @@ def train_step(
                 betas=(cfg.d_optim.beta1, cfg.d_optim.beta2),
                 optimizer_state=model.d_opt.state,
                 second_order=cfg.unroll.second_order,
+                # fp16: the look-ahead emulates D's real step, so it scales like D's scaler.
+                loss_scale=loss_scale(model.d_scaler, device),
             )
-            critic = functional_discriminator(d_inner, params)
+            critic = model.amp(functional_discriminator(d_inner, params))
         g_loss = generator_loss(cfg, critic, fake)
         logs = {"g_adv": g_loss.detach()}
         if cfg.objective.name == "madgan" and cfg.objective.madgan_diversity > 0:
@@ -325,12 +472,15 @@ def train_step(
             logs["mode_reg"] = reg.detach()
             g_loss = g_loss + reg
         model.g_opt.zero_grad(set_to_none=True)
-        g_loss.backward()
-        model.g_opt.step()
+        skipped += not scaled_step(g_loss, model.g_opt, model.g_scaler)
     finally:
         d_inner.requires_grad_(True)
     update_ema(model)
     model.step += 1
     metrics = {"d_loss": d_loss.item(), "g_loss": g_loss.item()}
     metrics.update({k: v.item() for k, v in {**d_logs, **logs}.items()})
+    if model.d_scaler is not None and model.g_scaler is not None:
+        metrics["amp_scale_d"] = float(model.d_scaler.get_scale())
+        metrics["amp_scale_g"] = float(model.g_scaler.get_scale())
+        metrics["amp_skipped"] = float(skipped)
     return metrics

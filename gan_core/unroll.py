@@ -28,7 +28,12 @@ UNROLL_OPTIMIZERS = ("adam", "sgd")
 
 
 def functional_discriminator(d: nn.Module, params: dict[str, Tensor]) -> Callable[..., Tensor]:
-    """``d`` evaluated at ``params`` instead of its own parameters (buffers stay ``d``'s own)."""
+    """``d`` evaluated at ``params`` instead of its own parameters (buffers stay ``d``'s own).
+
+    Also works on a module whose forward ``nn.Module.compile`` compiled in place (the params are
+    graph inputs), as long as nothing differentiates through its gradient: a second-order
+    look-ahead needs an eager D (``gan_core.steps.compile_networks`` keeps it so).
+    """
 
     def call(*args: Any, **kwargs: Any) -> Tensor:
         return torch.func.functional_call(d, params, args, kwargs)
@@ -55,6 +60,7 @@ def lookahead_params(
     optimizer_state: dict | None = None,
     second_order: bool = True,
     eps: float = 1e-8,
+    loss_scale: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """D's parameters after ``steps`` functional updates of its own rule, for ``functional_call``.
 
@@ -69,6 +75,12 @@ def lookahead_params(
 
     The look-ahead starts from detached copies of D's parameters with ``requires_grad=True``, even
     while D is frozen for the generator's phase. ``steps=0`` returns those copies unchanged.
+
+    ``loss_scale`` (fp16 mixed precision: D's GradScaler scale, see ``gan_core.precision``) scales
+    each look-ahead loss before its gradient is taken, so D's float16 backward does not
+    underflow, and divides the gradients by it again before the update (in the graph, so a
+    second-order look-ahead is differentiated through the same arithmetic). An overflow makes
+    the look-ahead parameters non-finite, hence G's gradient, and G's own scaler skips that step.
     """
     if optimizer not in UNROLL_OPTIMIZERS:
         raise ValueError(
@@ -96,6 +108,8 @@ def lookahead_params(
 
     for _ in range(steps):
         loss = d_loss_fn(functional_discriminator(d, params))
+        if loss_scale is not None:
+            loss = loss * loss_scale
         names = list(params)
         grads = torch.autograd.grad(
             loss,
@@ -103,6 +117,8 @@ def lookahead_params(
             create_graph=second_order,
             allow_unused=True,
         )
+        if loss_scale is not None:
+            grads = tuple(None if g is None else g / loss_scale for g in grads)
         updated: dict[str, Tensor] = {}
         for name, g in zip(names, grads, strict=True):
             p = params[name]
