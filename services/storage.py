@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from gan_core.config import StorageConfig
@@ -273,9 +274,126 @@ def open_storage(cfg: StorageConfig) -> Storage:
     return _open_local(uri)
 
 
+def _with_retries(uri: str, what: str, path: str, call: Callable[[], T]) -> T:
+    """Retry ``call`` like ``Storage._retry`` (same budget, same warnings)."""
+    store = Storage(uri=uri, filesystem=pafs.LocalFileSystem(), root="", is_s3=True)
+    return store._retry(what, path, call)
+
+
+class _RetryingUpload:
+    """A write-only file that buffers, then uploads on ``close()`` with retries: an S3 upload
+    cut by an outage is repeated whole (a multipart upload that never completes leaves no
+    object, so readers never see half a file)."""
+
+    def __init__(self, fs: pafs.FileSystem, uri: str, path: str) -> None:
+        self.fs, self.uri, self.path = fs, uri, path
+        self.buffer = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes) -> int:
+        self.buffer += data
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+
+        def put() -> None:
+            with self.fs.open_output_stream(self.path) as out:
+                out.write(bytes(self.buffer))
+
+        _with_retries(self.uri, "write", self.path, put)
+
+
+class RetryingS3Handler(pafs.FileSystemHandler):
+    """Every operation of an S3 filesystem, retried with backoff across an outage.
+
+    Ray Train writes checkpoints and its own checkpoint index (checkpoint_manager_snapshot.json,
+    written by the controller, whose failure Ray does not retry) through the filesystem it is
+    given; the SDK's own per-request retries last only a few seconds against a refused
+    connection. Wrapped in ``pyarrow.fs.PyFileSystem`` and handed to Ray instead."""
+
+    def __init__(self, fs: pafs.FileSystem, uri: str) -> None:
+        self.fs, self.uri = fs, uri
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RetryingS3Handler) and self.fs.equals(other.fs)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def __reduce__(self) -> tuple:
+        return RetryingS3Handler, (self.fs, self.uri)
+
+    def _do(self, what: str, path: str, call: Callable[[], T]) -> T:
+        return _with_retries(self.uri, what, path, call)
+
+    def get_type_name(self) -> str:
+        return "raygan-retrying-s3"
+
+    def normalize_path(self, path: str) -> str:
+        return self.fs.normalize_path(path)
+
+    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
+        return self._do("stat", ",".join(paths), lambda: self.fs.get_file_info(paths))
+
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        return self._do("list", selector.base_dir, lambda: self.fs.get_file_info(selector))
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self._do("mkdir", path, lambda: self.fs.create_dir(path, recursive=recursive))
+
+    def delete_dir(self, path: str) -> None:
+        self._do("delete", path, lambda: self.fs.delete_dir(path))
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self._do(
+            "delete",
+            path,
+            lambda: self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok),
+        )
+
+    def delete_root_dir_contents(self) -> None:
+        raise OSError("refusing to delete the contents of the whole bucket root")
+
+    def delete_file(self, path: str) -> None:
+        self._do("delete", path, lambda: self.fs.delete_file(path))
+
+    def move(self, src: str, dest: str) -> None:
+        self._do("move", src, lambda: self.fs.move(src, dest))
+
+    def copy_file(self, src: str, dest: str) -> None:
+        self._do("copy", src, lambda: self.fs.copy_file(src, dest))
+
+    def open_input_stream(self, path: str) -> pa.NativeFile:
+        data = self._do("read", path, lambda: _read_all(self.fs, path))
+        return pa.BufferReader(data)
+
+    def open_input_file(self, path: str) -> pa.NativeFile:
+        data = self._do("read", path, lambda: _read_all(self.fs, path))
+        return pa.BufferReader(data)
+
+    def open_output_stream(self, path: str, metadata: dict | None = None) -> pa.NativeFile:
+        return pa.PythonFile(_RetryingUpload(self.fs, self.uri, path), mode="w")
+
+    def open_append_stream(self, path: str, metadata: dict | None = None) -> pa.NativeFile:
+        raise OSError("S3 has no append")
+
+
+def _read_all(fs: pafs.FileSystem, path: str) -> bytes:
+    # Whole-file reads: checkpoint files are megabytes; a retry restarts the read cleanly.
+    with fs.open_input_file(path) as src:
+        return src.read()
+
+
 def ray_storage_args(storage: Storage) -> dict:
     """Keyword arguments for ``ray.train.RunConfig`` that put the run under ``storage``."""
     if storage.is_s3:
         # With a filesystem given, Ray wants the path inside it: "bucket/prefix", no "s3://".
-        return {"storage_path": storage.root, "storage_filesystem": storage.filesystem}
+        retrying = pafs.PyFileSystem(RetryingS3Handler(storage.filesystem, storage.uri))
+        return {"storage_path": storage.root, "storage_filesystem": retrying}
     return {"storage_path": storage.root}

@@ -9,10 +9,14 @@ and artifacts are buffered (metrics in a bounded buffer), ONE warning per outage
 waiting, and delivery is retried on a later call (at most once every ``retry_interval_s``,
 because a single attempt against a dead server can block for MLflow's whole HTTP retry budget, see
 ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``MLFLOW_HTTP_REQUEST_TIMEOUT``); ``flush()`` retries at
-once. This includes the start: a Tracker built while the server is down does not raise; it
-creates (or resumes) the run on the first later call that reaches the server, so ``run_id`` is
-``None`` until then. Errors MLflow reports as the caller's fault (an invalid metric name, a
-deleted run) are not retried: those points are dropped with a warning.
+once. MLflow's own HTTP retry budget defaults to minutes per request (7 retries, doubling
+backoff): the Tracker lowers the defaults to one retry, backoff factor 1 and a 10 s timeout
+(environment variables the user sets win), so an attempt against a dead server costs the
+training loop seconds, not minutes. This includes the start: a Tracker built while the
+server is down does not raise; it creates (or resumes) the run on the first later call that
+reaches the server, so ``run_id`` is ``None`` until then. Errors MLflow reports as the
+caller's fault (an invalid metric name, a deleted run) are not retried: those points are
+dropped with a warning.
 
 Where runs go (``default_tracking_uri``): ``$MLFLOW_TRACKING_URI`` if set; else an SQLite file
 ``mlflow.db`` in the local storage folder; for ``s3://`` storage it is still a local file,
@@ -132,6 +136,14 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///"))
 
 
+# See the module doc: bounded per-request cost while a tracking server is down.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+
+
 class Tracker:
     """One MLflow run for one GAN run; new, or resumed when ``run_id`` is given.
 
@@ -150,6 +162,8 @@ class Tracker:
     ) -> None:
         # A progress bar per upload would flood the worker logs Ray collects.
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        for name, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
         self.cfg = cfg
         self.tracking_uri = tracking_uri or cfg.tracking.uri or default_tracking_uri(storage_uri)
         self.retry_interval_s = retry_interval_s
@@ -177,6 +191,7 @@ class Tracker:
         self._dropped_points = 0
         self._dropped_artifacts = 0
         self._down_since: float | None = None  # monotonic time of the failure opening an outage
+        self._logged_upto: dict[str, int] = {}  # resumed run: last step MLflow holds per key
         self._last_attempt = -math.inf
         self._finished = False
         self.set_tags(
@@ -375,6 +390,15 @@ class Tracker:
         # Read back rather than assume: an earlier attempt may have died halfway through.
         run = self._client.get_run(self._run_id)
         self._experiment_id = run.info.experiment_id
+        if self._resume_id is not None:
+            # A resumed run replays the steps after its checkpoint, and the crash may have come
+            # after an evaluation was logged but before its checkpoint was registered: points
+            # at or below what MLflow holds already are not sent twice (deterministic replay
+            # gives the same values; MLflow would otherwise show the step twice).
+            self._logged_upto = {
+                key: max(m.step for m in self._client.get_metric_history(self._run_id, key))
+                for key in run.data.metrics
+            }
         if run.info.status != "RUNNING":
             self._client.update_run(self._run_id, status="RUNNING")
         self._log_params(run.data.params)
@@ -441,9 +465,11 @@ class Tracker:
 
     def _send_metrics(self) -> None:
         while self._metrics:
-            batch = list(islice(self._metrics, _METRICS_PER_BATCH))
+            window = list(islice(self._metrics, _METRICS_PER_BATCH))
+            batch = [p for p in window if p.step > self._logged_upto.get(p.key, -1)]
             try:
-                self._client.log_batch(self._run_id, metrics=batch, synchronous=True)
+                if batch:
+                    self._client.log_batch(self._run_id, metrics=batch, synchronous=True)
             except Exception as exc:
                 if not _is_permanent(exc):
                     raise
@@ -458,7 +484,7 @@ class Tracker:
                         ),
                         f"metric {key!r} ({len(points)} points)",
                     )
-            for _ in batch:
+            for _ in window:
                 self._metrics.popleft()
 
     def _send_artifacts(self) -> None:

@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -27,7 +28,13 @@ from gan_core.config import ConfigError, GanConfig, load_config, preset_names, t
 from gan_core.loop import LoopHooks, NonFiniteError
 from services.checkpoints import CheckpointError
 from services.storage import StorageError, open_storage, ray_storage_args, redact
-from services.worker import TRACKING_FILE, WorkerSession, nan_injector, train_loop_per_worker
+from services.worker import (
+    DIVERGED_FILE,
+    TRACKING_FILE,
+    WorkerSession,
+    nan_injector,
+    train_loop_per_worker,
+)
 
 log = logging.getLogger("raygan")
 LOCAL_CKPT_DIR = "local_checkpoints"
@@ -75,7 +82,36 @@ def _init_ray(address: str | None, verbose: bool) -> None:
             logging_level=level,
             configure_logging=True,
             log_to_driver=True,
+            # Ray Train's placement-group cleaner asks the state API for its cluster; with
+            # another Ray on the machine it cannot tell which one without this.
+            runtime_env={
+                "env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}
+            },
         )
+
+
+def _interruptible_trainer_class() -> type:
+    from ray.train.torch import TorchTrainer
+
+    class InterruptibleTrainer(TorchTrainer):
+        """Remembers a Ctrl-C. Ray Train handles SIGINT itself during ``fit()`` (it aborts the
+        controller gracefully, then exits or raises, with status 1); the driver needs to know
+        it was an interrupt to say so and exit 130."""
+
+        interrupted = False
+
+        def _register_sigint_handler(self, controller: Any) -> None:
+            super()._register_sigint_handler(controller)
+            rays = signal.getsignal(signal.SIGINT)
+
+            def handler(signum: int, frame: Any) -> None:
+                self.interrupted = True
+                if callable(rays):
+                    rays(signum, frame)
+
+            signal.signal(signal.SIGINT, handler)
+
+    return InterruptibleTrainer
 
 
 def run_with_ray(cfg: GanConfig, args: argparse.Namespace) -> dict[str, Any]:
@@ -86,14 +122,16 @@ def run_with_ray(cfg: GanConfig, args: argparse.Namespace) -> dict[str, Any]:
         RunConfig,
         ScalingConfig,
     )
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
+
+    _InterruptibleTrainer = _interruptible_trainer_class()  # noqa: N806 (a class)
 
     storage = open_storage(cfg.storage)
     _init_ray(args.address, args.verbose)
     r, c = cfg.resources, cfg.checkpoint
-    trainer = TorchTrainer(
+    trainer = _InterruptibleTrainer(
         train_loop_per_worker,
-        train_loop_config={"gan": to_dict(cfg), "quiet": args.quiet},
+        train_loop_config={"gan": to_dict(cfg), "quiet": args.quiet, "scan_storage": True},
         # NCCL between GPUs, gloo on CPU (gloo is also what DDP's CPU tests compare against).
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -118,8 +156,15 @@ def run_with_ray(cfg: GanConfig, args: argparse.Namespace) -> dict[str, Any]:
             **ray_storage_args(storage),
         ),
     )
-    started = time.perf_counter()
-    result = trainer.fit()
+    started, started_at = time.perf_counter(), time.time()
+    try:
+        result = trainer.fit()
+    except (Exception, SystemExit):
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    if trainer.interrupted:
+        raise KeyboardInterrupt
     wall = time.perf_counter() - started
     mlflow_run_id = None
     checkpoint_uri = None
@@ -130,6 +175,10 @@ def run_with_ray(cfg: GanConfig, args: argparse.Namespace) -> dict[str, Any]:
             if tracking.is_file():
                 mlflow_run_id = json.loads(tracking.read_text()).get("run_id")
     metrics = dict(result.metrics or {})
+    if storage.exists(f"{cfg.name}/{DIVERGED_FILE}"):
+        marker = json.loads(storage.read_bytes(f"{cfg.name}/{DIVERGED_FILE}"))
+        if marker["time"] >= started_at:  # this run's, not an earlier attempt's
+            metrics.update(diverged=1.0, stop_reason=marker["reason"], step=marker["step"])
     return _summary(cfg, storage.run_uri(cfg.name), metrics, wall, mlflow_run_id, checkpoint_uri)
 
 

@@ -24,11 +24,19 @@ import torch.distributed as dist
 
 from gan_core.config import GanConfig, from_dict
 from gan_core.loop import GanRun, LoopHooks, NonFiniteError, format_eval
-from services.checkpoints import load_checkpoint, save_checkpoint
-from services.storage import Storage, open_storage
+from services.checkpoints import (
+    CONFIG_FILE,
+    META_FILE,
+    STATE_FILE,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
+from services.storage import Storage, StorageError, open_storage
 
 log = logging.getLogger("raygan")
 TRACKING_FILE = "tracking.json"
+DIVERGED_FILE = "diverged.json"  # written by rank 0 when a run stops on a non-finite value
 # Metrics that differ per rank (each rank trains on its own shard) and are averaged for reports.
 _RANK_LOCAL = (
     "d_loss",
@@ -43,11 +51,14 @@ _RANK_LOCAL = (
 )
 
 
-def _all_reduce_mean(metrics: dict[str, float], world_size: int) -> dict[str, float]:
+def _all_reduce_mean(
+    metrics: dict[str, float], world_size: int, device: str = "cpu"
+) -> dict[str, float]:
     if world_size == 1 or not dist.is_initialized():
         return metrics
     keys = [k for k in _RANK_LOCAL if k in metrics]
-    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+    # On the run's device: NCCL (GPU workers) all-reduces CUDA tensors only.
+    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(values)
     out = dict(metrics)
     out.update({k: float(v) / world_size for k, v in zip(keys, values, strict=True)})
@@ -93,7 +104,7 @@ class WorkerSession:
 
     # -- per evaluation ------------------------------------------------------------------------
     def eval_payload(self, metrics: dict[str, float]) -> dict[str, float]:
-        metrics = _all_reduce_mean(metrics, self.world_size)
+        metrics = _all_reduce_mean(metrics, self.world_size, self.run.device)
         step = self.run.model.step
         elapsed = time.perf_counter() - self.started
         done = step - self.start_step
@@ -145,7 +156,9 @@ class WorkerSession:
         )
         sys.stdout.flush()
         if self.tracker is not None:
-            self.tracker.log_metrics({"rollbacks": float(info["rollbacks"])}, run.model.step)
+            self.tracker.log_metrics(
+                {"rollbacks": float(info["rollbacks"])}, int(info["detected_at"])
+            )
             self.tracker.set_tags({"raygan.last_rollback": f"step {info['detected_at']}"})
 
     def diverged(self, exc: NonFiniteError) -> dict[str, Any]:
@@ -155,6 +168,11 @@ class WorkerSession:
             sys.stdout.flush()
             if self.tracker is not None:
                 self.tracker.set_tags({"raygan.stop_reason": str(exc)})
+            # For the driver: Ray's Result carries the metrics of the last checkpoint only.
+            marker = {"step": exc.step, "reason": str(exc), "time": time.time()}
+            self.storage.write_bytes(
+                f"{self.cfg.name}/{DIVERGED_FILE}", json.dumps(marker).encode()
+            )
         self.finish("FAILED")
         return {"step": exc.step, "diverged": 1.0, "stop_reason": str(exc)}
 
@@ -162,6 +180,43 @@ class WorkerSession:
         if self.tracker is not None:
             self.tracker.finish(status)
             self.mlflow_run_id = self.tracker.run_id or self.mlflow_run_id
+
+
+def restore_latest_stored(session: WorkerSession) -> bool:
+    """Restore the newest complete, loadable checkpoint folder of this run found in storage
+    (Ray's ``checkpoint_*`` folders); folders that are partial or corrupt (an upload cut short)
+    are skipped. Every rank lists the same storage, so all ranks pick the same folder."""
+    storage, name = session.storage, session.cfg.name
+    folders: dict[str, set[str]] = {}
+    for rel in storage.list(name):
+        parts = rel.split("/")
+        if len(parts) == 2 and parts[0].startswith("checkpoint_"):
+            folders.setdefault(parts[0], set()).add(parts[1])
+    candidates = []
+    for folder, files in folders.items():
+        if {STATE_FILE, CONFIG_FILE, META_FILE} <= files:
+            try:
+                meta = json.loads(storage.read_bytes(f"{name}/{folder}/{META_FILE}"))
+                candidates.append((int(meta["step"]), folder))
+            except (ValueError, KeyError, TypeError, StorageError):
+                continue
+    for step, folder in sorted(candidates, reverse=True):
+        with tempfile.TemporaryDirectory() as tmp:
+            for file in folders[folder]:
+                data = storage.read_bytes(f"{name}/{folder}/{file}")
+                (Path(tmp) / file).write_bytes(data)
+            try:
+                session.restore(tmp)
+            except CheckpointError as exc:
+                log.warning("skipping stored checkpoint %s: %s", folder, exc)
+                continue
+        if session.rank == 0:
+            sys.stdout.write(
+                f"[raygan] no checkpoint registered with Ray; newest complete stored "
+                f"checkpoint: {storage.run_uri(name)}/{folder} (step {step})\n"
+            )
+        return True
+    return False
 
 
 def _wrap_for_ddp(session: WorkerSession) -> None:
@@ -177,7 +232,9 @@ def _wrap_for_ddp(session: WorkerSession) -> None:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point Ray Train runs on every worker; ``config`` = {"gan": GanConfig as a dict}.
 
-    Optional keys, used by Tune trials (tuning.trial): "resume_from", a ``ray.train.Checkpoint``
+    Optional keys: "scan_storage" (services.train): with no checkpoint from Ray, resume from
+    the newest complete checkpoint folder of the run in storage. Used by Tune trials
+    (tuning.trial): "resume_from", a ``ray.train.Checkpoint``
     to start from when this Train run has none of its own (Train V2 has no other way in), and
     "mlflow_run_id", the MLflow run to log into whatever run the checkpoint names.
     """
@@ -193,6 +250,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             session.restore(folder)
+    elif config.get("scan_storage"):
+        # Ray registers a checkpoint only once its controller has polled every rank's report:
+        # a worker lost within that window (about a second) loses the newest registration,
+        # and, if it was the first, Ray restarts from scratch. The files are in storage
+        # anyway; the newest complete one is the right place to resume.
+        restore_latest_stored(session)
+    if session.start_step > 0:
         if rank == 0:
             sys.stdout.write(f"[raygan] resumed {cfg.name} at step {session.start_step}\n")
             sys.stdout.flush()
@@ -204,6 +268,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     session.start_tracking()
     fail_at = int(os.environ.get("RAYGAN_FAIL_AT_STEP", "0"))
     inject_nan = nan_injector()
+    if os.environ.get("RAYGAN_PID_DIR"):
+        # Test hook: lets a test SIGKILL a given rank's process from outside, by PID.
+        Path(os.environ["RAYGAN_PID_DIR"], f"rank{rank}.pid").write_text(str(os.getpid()))
 
     def on_step(run: GanRun, metrics: dict[str, float]) -> None:
         _maybe_inject_fault(run.model.step, fail_at, rank)

@@ -303,6 +303,9 @@ def run_sweep(
             experiment,
             trainable,
             resume_unfinished=True,
+            # A trial killed with the sweep (the machine ran out of memory, the driver died)
+            # errored for reasons outside it: it continues from its last checkpoint.
+            resume_errored=True,
             param_space=tune_param_space(plan.space),
             storage_filesystem=filesystem,
         )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import boto3
 import pytest
@@ -11,6 +13,47 @@ from moto.server import ThreadedMotoServer
 
 DUMMY_KEY_ID = "testing-key-id"
 DUMMY_SECRET = "testing-secret-key-0123456789"
+# Planted in the environment of every Ray job the integration tests run (moto accepts any
+# credentials): tests search every output for these strings.
+PLANTED_SECRETS = {
+    "AWS_SECRET_ACCESS_KEY": "planted-aws-secret-7f1c9e2d4b",
+    "AWS_SESSION_TOKEN": "planted-session-token-51a8c3",
+    "MLFLOW_TRACKING_TOKEN": "planted-mlflow-token-c0ffee42",
+    "MLFLOW_TRACKING_PASSWORD": "planted-mlflow-password-9d7e",
+}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One private Ray for the module. Credentials and RAY_TMPDIR are set BEFORE ray.init so
+    that the raylet and every worker it starts inherit them (PLATFORM.md). Yields the folder
+    that holds Ray's session (its logs included)."""
+    import ray
+
+    root = tmp_path_factory.mktemp("ray")
+    saved = dict(os.environ)
+    os.environ.update(
+        {
+            "RAY_TMPDIR": str(root),
+            "AWS_ACCESS_KEY_ID": DUMMY_KEY_ID,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+            **PLANTED_SECRETS,
+        }
+    )
+    ray.init(
+        num_cpus=2,
+        _node_ip_address="127.0.0.1",
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        _temp_dir=str(root / "t"),
+    )
+    try:
+        yield root
+    finally:
+        ray.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")

@@ -209,7 +209,7 @@ def test_up_status_down(tmp_path: Path) -> None:
             timeout=60,
         )
         assert listed.returncode == 0, listed.stderr[-2000:]
-        _submit_a_gan_job(ray_env, state, s3_client, mlflow_port)
+        _submit_gan_jobs(ray_env, state, s3_client, mlflow_port)
 
         shown = _stack(["status", *flags], env)
         assert shown.returncode == 0 and shown.stdout.count(" healthy ") == 3, shown.stdout
@@ -229,14 +229,14 @@ def test_up_status_down(tmp_path: Path) -> None:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def _submit_a_gan_job(ray_env: dict, state: dict, s3_client, mlflow_port: int) -> None:
-    """The README's round trip: `ray job submit` a GAN job whose storage is the stack's S3 and
-    whose tracking is the stack's MLflow server; then read both back."""
+def _submit_gan_jobs(ray_env: dict, state: dict, s3_client, mlflow_port: int) -> None:
+    """The README's round trip, twice at once (load: two jobs on one cluster): `ray job submit`
+    GAN jobs whose storage is the stack's S3 and whose tracking is the stack's MLflow server;
+    then read both back."""
     import mlflow
 
     job_env = json.loads(shlex.split(submit_line(state))[6])
-    overrides = [
-        "name=submitted",
+    common = [
         "storage.uri=s3://raygan/runs",
         "train.steps=20",
         "eval.every=10",
@@ -247,44 +247,55 @@ def _submit_a_gan_job(ray_env: dict, state: dict, s3_client, mlflow_port: int) -
         "discriminator.width=32",
         "discriminator.maxout_pieces=1",
         "train.batch_size=32",
-        "resources.num_workers=2",
+        # One worker each: both jobs fit the stack's 2 CPUs at the same time.
+        "resources.num_workers=1",
     ]
-    submitted = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "ray"),
-            "job",
-            "submit",
-            "--working-dir",
-            str(REPO),
-            "--runtime-env-json",
-            json.dumps(job_env),
-            "--",
-            "python",
-            "-m",
-            "services.train",
-            "--config",
-            "ring8",
-            *overrides,
-        ],
-        env=ray_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    )
-    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
-    assert "[raygan] done: 20 steps" in submitted.stdout
-    assert "[raygan] step 10/20" in submitted.stdout, "progress lines reach `ray job` output"
-    keys = [
-        o["Key"]
-        for o in s3_client.list_objects_v2(Bucket="raygan", Prefix="runs/submitted/")["Contents"]
+    names = ["submitted", "submitted-2"]
+    jobs = [
+        subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "ray"),
+                "job",
+                "submit",
+                "--working-dir",
+                str(REPO),
+                "--runtime-env-json",
+                json.dumps(job_env),
+                "--",
+                "python",
+                "-m",
+                "services.train",
+                "--config",
+                "ring8",
+                f"name={name}",
+                *common,
+            ],
+            env=ray_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        for name in names
     ]
-    assert "runs/submitted/samples/step_0000020.png" in keys
-    assert any(k.endswith("/state.pt") for k in keys)
+    outputs = [job.communicate(timeout=400) for job in jobs]
     client = mlflow.MlflowClient(f"http://127.0.0.1:{mlflow_port}")
-    runs = client.search_runs(
-        [client.get_experiment_by_name("raygan").experiment_id],
-        filter_string="tags.`raygan.run_name` = 'submitted'",
-    )
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "modes")] == [10, 20]
+    for name, job, (stdout, stderr) in zip(names, jobs, outputs, strict=True):
+        assert job.returncode == 0, stdout[-3000:] + stderr[-3000:]
+        assert "[raygan] done: 20 steps" in stdout
+        assert "[raygan] step 10/20" in stdout, "progress lines reach `ray job` output"
+        keys = [
+            o["Key"]
+            for o in s3_client.list_objects_v2(Bucket="raygan", Prefix=f"runs/{name}/")["Contents"]
+        ]
+        assert f"runs/{name}/samples/step_0000020.png" in keys
+        assert any(k.endswith("/state.pt") for k in keys)
+        runs = client.search_runs(
+            [client.get_experiment_by_name("raygan").experiment_id],
+            filter_string=f"tags.`raygan.run_name` = '{name}'",
+        )
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "modes")] == [
+            10,
+            20,
+        ]

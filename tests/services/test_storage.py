@@ -172,9 +172,15 @@ def test_s3_ray_storage_args_carry_a_working_filesystem(s3_env: str, s3_bucket: 
     assert not args["storage_path"].startswith("s3://")
     # Ray pickles the filesystem to its workers: the copy must reach the same endpoint.
     clone = pickle.loads(pickle.dumps(args["storage_filesystem"]))
-    assert isinstance(clone, pafs.S3FileSystem)
+    assert isinstance(clone, pafs.PyFileSystem)
+    assert clone.type_name == "py::raygan-retrying-s3"
     with clone.open_input_file(f"{s3_bucket}/runs/r/a.txt") as src:
         assert src.read() == b"A"
+    with clone.open_output_stream(f"{s3_bucket}/runs/r/b.txt") as out:
+        out.write(b"B")
+    assert storage.read_bytes("r/b.txt") == b"B"
+    infos = clone.get_file_info(pafs.FileSelector(f"{s3_bucket}/runs/r"))
+    assert sorted(i.base_name for i in infos) == ["a.txt", "b.txt"]
 
 
 def test_s3_missing_bucket_names_the_uri(s3_env: str) -> None:

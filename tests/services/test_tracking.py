@@ -220,11 +220,15 @@ def test_resume_continues_the_same_run(
     )
     assert second.run_id == first.run_id
     assert client.get_run(first.run_id).info.status == "RUNNING"
+    # The resume replays step 1 (logged, but its checkpoint was lost with the crash): MLflow
+    # keeps one point per step; a key new since the crash starts wherever it starts.
+    second.log_metrics({"loss": 0.5, "rollbacks": 1.0}, step=1)
     second.log_metrics({"loss": 0.25}, step=2)
     second.finish()
 
     run = client.get_run(first.run_id)
     assert _history(client, first.run_id, "loss") == [(0, 1.0), (1, 0.5), (2, 0.25)]
+    assert _history(client, first.run_id, "rollbacks") == [(1, 1.0)]
     assert run.info.status == "FINISHED"
     assert run.data.params["train.steps"] == "6000"  # MLflow params are immutable
     (warning,) = _tracking_records(caplog, logging.WARNING)
@@ -318,6 +322,21 @@ def test_retries_are_spaced_but_flush_retries_now(monkeypatch: pytest.MonkeyPatc
     assert calls == ["outage"]
 
 
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's process group and wait until every process of it is gone (its
+    workers hold the port a moment longer than the parent)."""
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.killpg(proc.pid, 9)
+
+
 def _start_mlflow_server(port: int, db_uri: str, artifacts: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with log.open("w") as out:
@@ -342,7 +361,7 @@ def _start_mlflow_server(port: int, db_uri: str, artifacts: Path, log: Path) -> 
             env=env,
             start_new_session=True,
         )
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120  # a loaded 2-core machine starts it in 10-60 s
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as reply:
@@ -391,9 +410,19 @@ def test_outage_then_recovery_delivers_everything(
         assert tracker.ui_hint == (
             f"{uri}/#/experiments/{run.info.experiment_id}/runs/{tracker.run_id}"
         )
+
+        # Mid-run: the server dies under a live run, points are buffered, it comes back.
+        _stop_group(server)
+        for step in (3, 4):
+            tracker.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+        assert tracker.pending["metric_points"] == 2
+        assert len(_tracking_records(caplog, logging.WARNING)) == 2  # one per outage
+        server = _start_mlflow_server(port, db_uri, tmp_path / "served", tmp_path / "again.log")
+        assert tracker.flush() is True
+        assert [s for s, _ in _history(client, tracker.run_id, "loss")] == [0, 1, 2, 3, 4]
         tracker.finish()
         assert client.get_run(tracker.run_id).info.status == "FINISHED"
-        assert len(_tracking_records(caplog, logging.WARNING)) == 1
+        assert len(_tracking_records(caplog, logging.WARNING)) == 2
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+        if server.poll() is None:
+            _stop_group(server)

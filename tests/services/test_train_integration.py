@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -29,38 +28,6 @@ TINY = [
     "checkpoint.every=10",
     "resources.num_workers=2",
 ]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """One private Ray for the module. Credentials and RAY_TMPDIR are set BEFORE ray.init so
-    that the raylet and every worker it starts inherit them (PLATFORM.md)."""
-    import ray
-
-    root = tmp_path_factory.mktemp("ray")
-    saved = dict(os.environ)
-    os.environ.update(
-        {
-            "RAY_TMPDIR": str(root),
-            "AWS_ACCESS_KEY_ID": "testing-key-id",
-            "AWS_SECRET_ACCESS_KEY": "testing-secret-key-0123456789",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_EC2_METADATA_DISABLED": "true",
-        }
-    )
-    ray.init(
-        num_cpus=2,
-        _node_ip_address="127.0.0.1",
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        _temp_dir=str(root / "t"),
-    )
-    try:
-        yield root
-    finally:
-        ray.shutdown()
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def _mlflow_history(uri: str, run_id: str, key: str) -> list[int]:
