@@ -182,10 +182,11 @@ class WorkerSession:
             self.mlflow_run_id = self.tracker.run_id or self.mlflow_run_id
 
 
-def restore_latest_stored(session: WorkerSession) -> bool:
+def restore_latest_stored(session: WorkerSession, newer_than: int = 0) -> bool:
     """Restore the newest complete, loadable checkpoint folder of this run found in storage
-    (Ray's ``checkpoint_*`` folders); folders that are partial or corrupt (an upload cut short)
-    are skipped. Every rank lists the same storage, so all ranks pick the same folder."""
+    (Ray's ``checkpoint_*`` folders) if its step is above ``newer_than``; folders that are
+    partial or corrupt (an upload cut short) are skipped. Every rank lists the same storage,
+    so all ranks pick the same folder."""
     storage, name = session.storage, session.cfg.name
     folders: dict[str, set[str]] = {}
     for rel in storage.list(name):
@@ -201,6 +202,8 @@ def restore_latest_stored(session: WorkerSession) -> bool:
             except (ValueError, KeyError, TypeError, StorageError):
                 continue
     for step, folder in sorted(candidates, reverse=True):
+        if step <= newer_than:
+            break
         with tempfile.TemporaryDirectory() as tmp:
             for file in folders[folder]:
                 data = storage.read_bytes(f"{name}/{folder}/{file}")
@@ -212,8 +215,9 @@ def restore_latest_stored(session: WorkerSession) -> bool:
                 continue
         if session.rank == 0:
             sys.stdout.write(
-                f"[raygan] no checkpoint registered with Ray; newest complete stored "
-                f"checkpoint: {storage.run_uri(name)}/{folder} (step {step})\n"
+                f"[raygan] newest complete checkpoint in storage is newer than Ray's "
+                f"registered one ({newer_than or 'none'}): {storage.run_uri(name)}/{folder} "
+                f"(step {step})\n"
             )
         return True
     return False
@@ -250,12 +254,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             session.restore(folder)
-    elif config.get("scan_storage"):
+    if config.get("scan_storage"):
         # Ray registers a checkpoint only once its controller has polled every rank's report:
-        # a worker lost within that window (about a second) loses the newest registration,
-        # and, if it was the first, Ray restarts from scratch. The files are in storage
-        # anyway; the newest complete one is the right place to resume.
-        restore_latest_stored(session)
+        # a worker lost (or a driver interrupted) within that window, about a second, loses
+        # the newest registrations, and if none was registered Ray restarts from scratch. The
+        # files are in storage anyway: a newer complete one is the better place to resume.
+        restore_latest_stored(session, newer_than=session.start_step)
     if session.start_step > 0:
         if rank == 0:
             sys.stdout.write(f"[raygan] resumed {cfg.name} at step {session.start_step}\n")
