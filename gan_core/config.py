@@ -9,6 +9,8 @@ so a bad config is refused before any training (or any Ray worker) starts.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,14 @@ OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 NONFINITE_POLICIES = ("rollback", "stop")
 PRECISIONS = ("fp32", "bf16", "fp16")
+# Image sides the DCGAN nets support (gan_core.nets.DCGAN_SIDES; a test keeps the two equal).
+DCGAN_SIDES = (8, 16, 32)
+# torch.set_num_threads accepts more, but each thread is a real OS thread; this is already far
+# beyond any machine, and a typo such as threads=100000 crashes the process.
+MAX_THREADS = 1024
+# MAD-GAN's evaluation draws at most 5000 samples per call, at least one per generator.
+MAX_GENERATORS = 5000
+_DOTTED_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
 class ConfigError(ValueError):
@@ -308,14 +318,31 @@ def _field_type(key: str) -> str:
 
 
 def parse_overrides(overrides: list[str]) -> DictConfig:
-    """Turn ``["a.b=1", "c=x"]`` into a config; a malformed item is a ConfigError."""
+    """Turn ``["a.b=1", "c=x"]`` into a config; a malformed item is a ConfigError naming it."""
+    merged = OmegaConf.create()
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(item, item, "overrides of the form key=value")
-    try:
-        return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as exc:
-        raise ConfigError("overrides", overrides, f"key=value items ({exc})") from None
+        key, text = item.split("=", 1)
+        # Every config key is a dotted name; anything else ("", "a..b", "a[0]", " a") would
+        # reach OmegaConf's key grammar and fail there without saying which item was wrong.
+        if not _DOTTED_KEY.fullmatch(key):
+            raise ConfigError(
+                key, text, "a dotted key of letters, digits and '_' (e.g. generators.count=2)"
+            )
+        try:
+            # One item at a time: YAML reports a bad value with its own exception types and
+            # without the key, so the item is parsed alone to name it.
+            OmegaConf.from_dotlist([item])
+        except Exception as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(
+                key,
+                text,
+                f"a YAML value; quote text with special characters: {key}='...' ({reason})",
+            ) from None
+        merged.merge_with_dotlist([item])
+    return merged
 
 
 def _load_file(source: Path, schema: DictConfig, seen: tuple[Path, ...]) -> DictConfig:
@@ -369,13 +396,52 @@ def _to_object(merged: DictConfig, source: str) -> GanConfig:
     try:
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
-        key = str(getattr(exc, "full_key", None) or "?")
+        key = str(getattr(exc, "full_key", None) or "")
         # Read unresolved: the value to report is the interpolation text itself.
-        value = _lookup(OmegaConf.to_container(merged, resolve=False), key)
+        plain = OmegaConf.to_container(merged, resolve=False)
+        if not key:
+            # A whole section interpolated to another ("storage=${generators}") fails without
+            # a key; find the section whose interpolation does not give its own kind of mapping.
+            key = _bad_section_interpolation(merged, plain) or "?"
+        value = _lookup(plain, key)
         if value is _ABSENT:
             value = _bad_value(exc)
         allowed = f"a value that resolves ({str(exc).splitlines()[0]})"
         raise ConfigError(key, value, allowed, source) from None
+
+
+def _bad_section_interpolation(merged: DictConfig, plain: Any, prefix: str = "") -> str | None:
+    """The first section key holding an interpolation that resolves to something other than
+    that section's mapping (or does not resolve at all)."""
+    if not isinstance(plain, dict):
+        return None
+    for name, value in plain.items():
+        key = f"{prefix}{name}"
+        section = _section_type(key)
+        if section is None:
+            continue
+        if isinstance(value, dict):
+            found = _bad_section_interpolation(merged, value, key + ".")
+            if found is not None:
+                return found
+            continue
+        try:
+            resolved = OmegaConf.select(merged, key, throw_on_resolution_failure=True)
+        except OmegaConfBaseException:
+            return key
+        if not (OmegaConf.is_dict(resolved) and OmegaConf.get_type(resolved) is section):
+            return key
+    return None
+
+
+def _section_type(key: str) -> type | None:
+    """The dataclass of section ``key`` ("generators", "discriminator.minibatch"), else None."""
+    node: Any = GanConfig()
+    for part in key.split("."):
+        node = getattr(node, part, None)
+        if not dataclasses.is_dataclass(node):
+            return None
+    return type(node)
 
 
 def to_dict(cfg: GanConfig) -> dict[str, Any]:
@@ -481,12 +547,31 @@ def validate(cfg: GanConfig, source: str = "<config>") -> None:
     _check(c.keep >= 1, "checkpoint.keep", c.keep, ">= 1", source)
     _one_of("checkpoint.mode", c.mode, ("max", "min"), source)
     _check(
-        bool(cfg.name) and "/" not in cfg.name,
+        bool(cfg.name)
+        and cfg.name not in (".", "..")
+        and not any(ch in cfg.name for ch in "/\\")
+        and cfg.name.isprintable(),
         "name",
         cfg.name,
-        "a non-empty name without '/'",
+        "a non-empty name without '/', '\\' or control characters, other than '.' and '..' "
+        "(it names the run's folder under storage.uri)",
         source,
     )
+    _check(
+        t.threads <= MAX_THREADS,
+        "train.threads",
+        t.threads,
+        f"<= {MAX_THREADS} (0 = torch default)",
+        source,
+    )
+    _check(
+        g.count <= MAX_GENERATORS,
+        "generators.count",
+        g.count,
+        f"<= {MAX_GENERATORS} (evaluation draws at most {MAX_GENERATORS} samples per call)",
+        source,
+    )
+    _check_numbers(cfg, source)
 
     # Combinations.
     _check(
@@ -545,7 +630,9 @@ def validate(cfg: GanConfig, source: str = "<config>") -> None:
         "0 when a batch holds fewer than 2 discriminator inputs",
         source,
     )
-    image_data = cfg.data.name in ("digits", "stacked_digits") or cfg.data.image_size > 0
+    # data.image_size only means something for Parquet data: ring8 with image_size=16 is points.
+    parquet_images = cfg.data.name == "parquet" and cfg.data.image_size > 0
+    image_data = cfg.data.name in ("digits", "stacked_digits") or parquet_images
     for prefix, arch in (("generators.arch", g.arch), ("discriminator.arch", d.arch)):
         _check(
             arch == "mlp" or image_data,
@@ -554,3 +641,48 @@ def validate(cfg: GanConfig, source: str = "<config>") -> None:
             "mlp for point data (dcgan needs image data)",
             source,
         )
+    if parquet_images and "dcgan" in (g.arch, d.arch):
+        _check(
+            cfg.data.image_size in DCGAN_SIDES,
+            "data.image_size",
+            cfg.data.image_size,
+            f"one of {', '.join(map(str, DCGAN_SIDES))} with dcgan nets (or mlp nets)",
+            source,
+        )
+    # Training-mode BatchNorm1d needs at least 2 samples per batch it normalises (the conv nets'
+    # BatchNorm2d always has a 4x4 map or more per sample). Each generator of a bank normalises
+    # its own share of the batch, a shared body the whole batch; D sees batch/pack packed fakes
+    # alone in G's phase.
+    if g.batch_norm and g.arch == "mlp":
+        per_net = t.batch_size if (g.shared and g.count > 1) else t.batch_size // g.count
+        _check(
+            per_net >= 2,
+            "train.batch_size",
+            t.batch_size,
+            f">= 2 * generators.count ({2 * g.count}) with generators.batch_norm (BatchNorm "
+            "needs 2 samples per generator), or generators.batch_norm=false",
+            source,
+        )
+    if d.batch_norm and d.arch == "mlp":
+        _check(
+            t.batch_size // d.pack >= 2,
+            "train.batch_size",
+            t.batch_size,
+            f">= 2 * discriminator.pack ({2 * d.pack}) with discriminator.batch_norm (BatchNorm "
+            "needs 2 inputs per batch), or discriminator.batch_norm=false",
+            source,
+        )
+
+
+def _check_numbers(cfg: GanConfig, source: str) -> None:
+    """Every number is finite and fits the 64-bit integers torch, numpy and Ray convert to.
+
+    The range checks above compare, so they let inf (lr=inf passes "> 0") and 10**30 through;
+    those only fail later, inside a worker (NaN weights, "Overflow when unpacking long")."""
+    for key, value in flatten(cfg).items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, float):
+            _check(math.isfinite(value), key, value, "a finite number", source)
+        elif isinstance(value, int):
+            _check(-(2**63) <= value < 2**63, key, value, "a 64-bit integer", source)

@@ -241,7 +241,15 @@ class ParquetDataset(Dataset):
         except (OSError, pa.ArrowException) as exc:
             raise DataError(self.path, f"cannot open it ({exc})", self.expected) from None
         if info.type == pafs.FileType.NotFound:
-            self._fail("no such file, folder, bucket or key")
+            self._fail(_not_found(filesystem, where))
+        # pyarrow reads an empty folder as a table without rows or columns and reports a 0-byte
+        # file as a footer problem; both are said plainly here.
+        if info.type == pafs.FileType.File and info.size == 0:
+            self._fail("the file is empty (0 bytes)")
+        if info.type == pafs.FileType.Directory and not _data_files(filesystem, where):
+            self._fail(
+                "the folder holds no data files (names starting with '_' or '.' are skipped)"
+            )
         try:
             return pq.read_table(where, filesystem=filesystem)
         except (OSError, pa.ArrowException) as exc:
@@ -324,6 +332,35 @@ class ParquetDataset(Dataset):
         bad = ~np.isfinite(values)
         if bad.any():
             self._fail(f"{where} hold {int(bad.sum())} NaN/Inf values (or values beyond float32)")
+
+
+def _not_found(filesystem: pafs.FileSystem, where: str) -> str:
+    """What is missing: on S3 a missing bucket and a missing key call for different fixes."""
+    if isinstance(filesystem, pafs.S3FileSystem):
+        bucket = where.split("/", 1)[0]
+        try:
+            if filesystem.get_file_info(bucket).type == pafs.FileType.NotFound:
+                return f"bucket {bucket!r} does not exist"
+        except (OSError, pa.ArrowException):
+            pass
+        return f"no such key in bucket {bucket!r}"
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        return "no such file or folder"
+    return "no such file, folder or object"
+
+
+def _data_files(filesystem: pafs.FileSystem, folder: str) -> list[str]:
+    """Files under ``folder`` that pyarrow's dataset reader reads (it skips '_' and '.' names)."""
+    selector = pafs.FileSelector(folder, recursive=True)
+    return [
+        info.path
+        for info in filesystem.get_file_info(selector)
+        if info.type == pafs.FileType.File
+        and not any(
+            part.startswith(("_", "."))
+            for part in info.path[len(folder.rstrip("/")) + 1 :].split("/")
+        )
+    ]
 
 
 def _is_number(kind: pa.DataType) -> bool:

@@ -9,19 +9,24 @@ checkpoint is data from storage that others may write to, and must never be able
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import pickle
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import OmegaConf
 
 from gan_core.config import ConfigError, GanConfig, flatten, from_dict, to_yaml
+
+if TYPE_CHECKING:
+    from gan_core.loop import GanRun
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
@@ -99,7 +104,14 @@ def _saved_config(folder: Path) -> GanConfig:
     path = _require(folder, CONFIG_FILE)
     try:
         data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-        return from_dict(data, source=str(path))  # type: ignore[arg-type]
+        if not isinstance(data, dict):
+            raise CheckpointError(
+                f"checkpoint {folder}: {CONFIG_FILE} is not a valid config: a YAML "
+                f"{type(data).__name__}, not a mapping of config keys"
+            )
+        return from_dict(data, source=str(path))
+    except CheckpointError:
+        raise
     except ConfigError as exc:
         raise CheckpointError(
             f"checkpoint {folder}: {CONFIG_FILE} is not a valid config: {exc}"
@@ -136,19 +148,75 @@ def _refusal_reason(exc: Exception) -> str:
     return "unsupported pickle content"
 
 
+def _saved_meta(folder: Path) -> dict:
+    """``meta.json`` as written by save_checkpoint: a JSON object with the step and format."""
+    path = _require(folder, META_FILE)
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError both are ValueErrors
+        raise CheckpointError(f"checkpoint {folder}: {META_FILE} is not JSON ({exc})") from None
+    if not isinstance(meta, dict) or type(meta.get("step")) is not int or meta["step"] < 0:
+        raise CheckpointError(
+            f"checkpoint {folder}: {META_FILE} holds {str(meta)[:80]!r}; expected an object "
+            'with a non-negative int "step"'
+        )
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(
+            f"checkpoint {folder}: {META_FILE} says format {meta.get('format')!r}; this raygan "
+            f"reads format {FORMAT}"
+        )
+    return meta
+
+
+def _check_state_file(folder: Path, path: Path) -> None:
+    """Name the problem with files torch.load would only call corrupt, or misreport: torch.save
+    writes a zip archive holding ``<name>/data.pkl``; anything else is not a checkpoint."""
+    with path.open("rb") as src:
+        head = src.read(4)
+    if not head:
+        raise CheckpointError(f"checkpoint {folder}: {STATE_FILE} is empty (0 bytes)")
+    if head == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise CheckpointError(
+                f"checkpoint {folder}: {STATE_FILE} is truncated or corrupt ({exc})"
+            ) from None
+        if not any(name.endswith("/data.pkl") for name in names):
+            shown = ", ".join(names[:5]) or "nothing"
+            raise CheckpointError(
+                f"checkpoint {folder}: {STATE_FILE} is a zip archive but not a torch checkpoint "
+                f"(it holds {shown}; torch.save writes <name>/data.pkl)"
+            )
+    elif head[:1] != b"\x80":
+        # Not a zip and not a pickle (whose first opcode is PROTO, 0x80): torch would try it
+        # as a pickle and report a bad opcode as an unsafe one.
+        raise CheckpointError(
+            f"checkpoint {folder}: {STATE_FILE} is not a torch checkpoint (starts with "
+            f"{head!r}; torch.save writes a zip archive)"
+        )
+
+
 def load_checkpoint(folder: str | Path, cfg: GanConfig) -> dict:
-    """The state saved in ``folder``, after checking it was made for ``cfg``'s architecture."""
+    """The state saved in ``folder``, after checking it was made for ``cfg``'s architecture.
+
+    Refuses, as CheckpointError naming the folder: missing files, a ``meta.json`` that is not
+    save_checkpoint's, a config of another architecture, a ``state.pt`` that is empty, corrupt,
+    not torch's or unsafe, a state that is not a run's, and non-finite weights. Whether the
+    tensors fit a particular run is ``restore_run``'s check."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint {folder}: no such folder")
     state_path = _require(folder, STATE_FILE)
-    _require(folder, META_FILE)
+    meta = _saved_meta(folder)
     differences = config_differences(_saved_config(folder), cfg)
     if differences:
         raise CheckpointError(
             f"checkpoint {folder} was made for a different architecture; differing keys: "
             + "; ".join(differences)
         )
+    _check_state_file(folder, state_path)
     try:
         state = torch.load(state_path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
@@ -168,16 +236,154 @@ def load_checkpoint(folder: str | Path, cfg: GanConfig) -> dict:
             f"checkpoint {folder}: {STATE_FILE} is truncated or corrupt ({type(exc).__name__}: "
             f"{exc})"
         ) from None
-    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-        raise CheckpointError(f"checkpoint {folder}: {STATE_FILE} does not hold a run state")
+    _check_run_state(folder, state, meta["step"])
     return state
+
+
+def _check_run_state(folder: Path, state: Any, step: int) -> None:
+    """The shape of what GanRun.state_dict returns, the step meta.json names, finite weights."""
+    problem = ""
+    if not isinstance(state, dict):
+        problem = f"a {type(state).__name__}, not a dict"
+    elif not isinstance(state.get("model"), dict):
+        problem = "no 'model' dict"
+    elif not isinstance(state.get("torch_rng"), torch.Tensor):
+        problem = "no 'torch_rng' tensor"
+    elif not isinstance(state.get("history"), list):
+        problem = "no 'history' list"
+    elif type(state["model"].get("step")) is not int:
+        problem = "no int 'model.step'"
+    if problem:
+        raise CheckpointError(
+            f"checkpoint {folder}: {STATE_FILE} does not hold a run state ({problem})"
+        )
+    if state["model"]["step"] != step:
+        # Files of two different checkpoints side by side (a half-copied folder, say).
+        raise CheckpointError(
+            f"checkpoint {folder}: {META_FILE} says step {step} but {STATE_FILE} holds step "
+            f"{state['model']['step']}"
+        )
+    try:
+        _check_finite(state)
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {folder}: {STATE_FILE}: {exc}") from None
+
+
+def _shape(tensor: torch.Tensor) -> str:
+    return f"{tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}"
+
+
+def _mismatch(state: dict, reference: dict, prefix: str) -> str | None:
+    """The first difference in tensor names, shapes or dtypes of one network's state dict."""
+    for key, ref in reference.items():
+        if key not in state:
+            return f"{prefix}.{key} is missing"
+        saved = state[key]
+        if not isinstance(saved, torch.Tensor):
+            return f"{prefix}.{key} is a {type(saved).__name__}, not a tensor"
+        if saved.shape != ref.shape or saved.dtype != ref.dtype:
+            return f"{prefix}.{key} is {_shape(saved)} in the checkpoint, {_shape(ref)} in this run"
+    extra = [key for key in state if key not in reference]
+    if extra:
+        return f"{prefix}.{extra[0]} is not in this run"
+    return None
+
+
+def _optimizer_mismatch(saved: Any, optimizer: torch.optim.Optimizer, prefix: str) -> str | None:
+    """Optimizer state that would load silently and fail at the next step: parameter groups of
+    other sizes, or moments shaped unlike their parameters."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("param_groups"), list):
+        return f"{prefix} is not an optimizer state"
+    if not isinstance(saved.get("state"), dict):
+        return f"{prefix}.state is missing"
+    groups = saved["param_groups"]
+    if len(groups) != len(optimizer.param_groups):
+        return (
+            f"{prefix} has {len(groups)} parameter groups, this run {len(optimizer.param_groups)}"
+        )
+    params: dict[Any, torch.Tensor] = {}
+    for i, (group, live) in enumerate(zip(groups, optimizer.param_groups, strict=True)):
+        ids = group.get("params") if isinstance(group, dict) else None
+        if not isinstance(ids, list) or len(ids) != len(live["params"]):
+            count = len(ids) if isinstance(ids, list) else "no"
+            return (
+                f"{prefix}.param_groups.{i} has {count} parameters, this run {len(live['params'])}"
+            )
+        params.update(zip(ids, live["params"], strict=True))
+    for pid, entry in saved["state"].items():
+        if pid not in params:
+            return f"{prefix}.state.{pid} belongs to no parameter of this run"
+        for name, value in entry.items() if isinstance(entry, dict) else ():
+            # Adam's "step" is a scalar counter; every other tensor is shaped like its parameter.
+            if name != "step" and isinstance(value, torch.Tensor) and value.dim() > 0:
+                if value.shape != params[pid].shape:
+                    return (
+                        f"{prefix}.state.{pid}.{name} is {tuple(value.shape)} in the checkpoint, "
+                        f"{tuple(params[pid].shape)} in this run"
+                    )
+    return None
+
+
+def check_state(folder: str | Path, state: dict, run: GanRun) -> None:
+    """Refuse ``state`` unless every tensor fits ``run``: same networks, same tensor names,
+    shapes and dtypes, optimizer moments shaped like their parameters, torch's RNG state.
+
+    torch's strict ``load_state_dict`` copies every tensor that fits before it complains about
+    one that does not, so this runs before anything is loaded. The message names the first
+    mismatching key."""
+    reference = run.state_dict()
+    problem = None
+    ref_model, model = reference["model"], state["model"]
+    for key, ref in ref_model.items():
+        if _is_network(ref):
+            saved = model.get(key)
+            if not isinstance(saved, dict):
+                problem = f"model.{key} is missing"
+            else:
+                problem = _mismatch(saved, ref, f"model.{key}")
+        elif isinstance(getattr(run.model, key, None), torch.optim.Optimizer):
+            problem = _optimizer_mismatch(model.get(key), getattr(run.model, key), f"model.{key}")
+        if problem:
+            break
+    if problem is None:
+        extra = [k for k, v in model.items() if k not in ref_model and _is_network(v)]
+        if extra:
+            problem = f"model.{extra[0]} is not in this run"
+    rng = state["torch_rng"]
+    if problem is None and (rng.dtype != torch.uint8 or rng.shape != reference["torch_rng"].shape):
+        problem = (
+            f"torch_rng is {_shape(rng)}, torch's RNG state is {_shape(reference['torch_rng'])}"
+        )
+    if problem:
+        raise CheckpointError(f"checkpoint {folder} does not fit this run: {problem}")
+
+
+def _is_network(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and bool(value)
+        and all(isinstance(v, torch.Tensor) for v in value.values())
+    )
+
+
+def restore_run(folder: str | Path, state: dict, run: GanRun) -> None:
+    """Load ``state`` (from load_checkpoint) into ``run``: all of it, or nothing.
+
+    ``check_state`` refuses what does not fit before anything is copied; should loading still
+    fail (a value no check foresaw), the run's own state is put back before the error is raised,
+    so a refused checkpoint never leaves a run half loaded."""
+    check_state(folder, state, run)
+    before = copy.deepcopy(run.state_dict())
+    try:
+        run.load_state_dict(state)
+    except Exception as exc:
+        run.load_state_dict(before)
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        raise CheckpointError(
+            f"checkpoint {folder} does not load into this run ({type(exc).__name__}: {reason})"
+        ) from None
 
 
 def checkpoint_step(folder: str | Path) -> int:
     """The training step a checkpoint was taken at, from its ``meta.json``."""
-    folder = Path(folder)
-    path = _require(folder, META_FILE)
-    try:
-        return int(json.loads(path.read_text())["step"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint {folder}: {META_FILE} is unreadable: {exc!r}") from None
+    return int(_saved_meta(Path(folder))["step"])

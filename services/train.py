@@ -262,10 +262,15 @@ def _summary(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from services.preflight import DataError, preflight
+
     try:
         cfg = load_config(args.config, args.overrides)
+        # Data before storage: open_storage creates a local storage folder, and a run refused
+        # for its data must leave nothing behind.
+        preflight(cfg)
         open_storage(cfg.storage)  # refuse a bad bucket or endpoint before any worker starts
-    except (ConfigError, StorageError) as exc:
+    except (ConfigError, StorageError, DataError) as exc:
         print(f"raygan: {redact(str(exc))}", file=sys.stderr)
         return 2
     try:

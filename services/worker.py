@@ -82,8 +82,12 @@ class WorkerSession:
 
     # -- restore -------------------------------------------------------------------------------
     def restore(self, folder: str | Path) -> None:
+        from services.checkpoints import restore_run
+
         state = load_checkpoint(folder, self.cfg)
-        self.run.load_state_dict(state)
+        # All or nothing: a tensor that does not fit is a CheckpointError naming its key, and
+        # the run keeps its own weights (torch's strict load would copy those that fit first).
+        restore_run(folder, state, self.run)
         self.start_step = self.run.model.step
         tracking = Path(folder) / TRACKING_FILE
         if tracking.is_file():
