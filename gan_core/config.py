@@ -26,7 +26,7 @@ ARCHS = ("mlp", "dcgan")
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "elu")
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("constant", "cosine", "linear")
-NONFINITE_POLICIES = ("rollback", "stop")
+NONFINITE_POLICIES = ("rollback", "stop", "continue")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Image sides the DCGAN nets support (gan_core.nets.DCGAN_SIDES; a test keeps the two equal).
 DCGAN_SIDES = (8, 16, 32)
@@ -130,7 +130,8 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads per process; 0 = leave torch's default
     # What a non-finite loss or weight does: roll back to the last good checkpoint with the
     # learning rates times nan_lr_factor (at most nan_retries times), or stop at once.
-    on_nonfinite: str = "rollback"  # rollback | stop
+    # continue: no check (NaN metrics score lowest; a Tune scheduler may stop the trial).
+    on_nonfinite: str = "rollback"  # rollback | stop | continue
     nan_retries: int = 3
     nan_lr_factor: float = 0.5
     # GPU path (each a no-op or exact on CPU unless asked for): autocast precision, NHWC

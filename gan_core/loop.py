@@ -241,8 +241,8 @@ class GanRun:
             window_steps += 1
             if hooks.on_step is not None:
                 hooks.on_step(self, metrics)
-            bad = self.first_nonfinite(metrics)
-            if self._agree(bad is not None):
+            bad = None if cfg.train.on_nonfinite == "continue" else self.first_nonfinite(metrics)
+            if cfg.train.on_nonfinite != "continue" and self._agree(bad is not None):
                 self._handle_nonfinite(bad or "value on another rank", hooks)
                 window_start, window_steps = time.perf_counter(), 0
                 continue

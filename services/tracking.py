@@ -159,6 +159,7 @@ class Tracker:
         *,
         max_buffered_points: int = 10_000,
         retry_interval_s: float = 30.0,
+        skip_logged_steps: bool = True,
     ) -> None:
         # A progress bar per upload would flood the worker logs Ray collects.
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -192,6 +193,7 @@ class Tracker:
         self._dropped_artifacts = 0
         self._down_since: float | None = None  # monotonic time of the failure opening an outage
         self._logged_upto: dict[str, int] = {}  # resumed run: last step MLflow holds per key
+        self._skip_logged_steps = skip_logged_steps
         self._last_attempt = -math.inf
         self._finished = False
         self.set_tags(
@@ -390,7 +392,7 @@ class Tracker:
         # Read back rather than assume: an earlier attempt may have died halfway through.
         run = self._client.get_run(self._run_id)
         self._experiment_id = run.info.experiment_id
-        if self._resume_id is not None:
+        if self._resume_id is not None and self._skip_logged_steps:
             # A resumed run replays the steps after its checkpoint, and the crash may have come
             # after an evaluation was logged but before its checkpoint was registered: points
             # at or below what MLflow holds already are not sent twice (deterministic replay

@@ -79,6 +79,7 @@ class WorkerSession:
         self.mlflow_run_id: str | None = None
         self.started = time.perf_counter()
         self.start_step = 0
+        self.dedupe_replayed_steps = True
 
     # -- restore -------------------------------------------------------------------------------
     def restore(self, folder: str | Path) -> None:
@@ -103,6 +104,7 @@ class WorkerSession:
             self.storage.run_uri(self.cfg.name),
             run_id=self.mlflow_run_id,
             tracking_uri=self.cfg.tracking.uri or None,
+            skip_logged_steps=self.dedupe_replayed_steps,
         )
         self.mlflow_run_id = self.tracker.run_id
 
@@ -270,8 +272,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             sys.stdout.flush()
     if config.get("mlflow_run_id"):
         # A PBT exploit hands over another trial's checkpoint, whose tracking.json names that
-        # trial's MLflow run; the caller's own run must win.
+        # trial's MLflow run; the caller's own run must win. Its steps after the clone are a
+        # new lineage, not a replay: they are logged even where the run has the step already.
         session.mlflow_run_id = config["mlflow_run_id"]
+        session.dedupe_replayed_steps = False
     _wrap_for_ddp(session)
     session.start_tracking()
     fail_at = int(os.environ.get("RAYGAN_FAIL_AT_STEP", "0"))

@@ -98,6 +98,9 @@ def test_asha_sweep_stops_hopeless_trials_nests_mlflow_runs_and_reports(
     # the first two recorded finite scores at ASHA's first rung: each must be stopped there.
     space.write_text(
         "grid:\n  discriminator.minibatch.kernels: [0, 8]\n  g_optim.lr: [2.0e-3, 1.0e30]\n"
+        # No non-finite check (the default rolls back, then errors the trial): here the NaN
+        # trials must reach ASHA as the worst scores.
+        "fixed:\n  train.on_nonfinite: continue\n"
     )
     runs, tracking = tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}"
     rc = sweep.main(
