@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench bench-quick clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,13 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# The published mode-coverage tables reproduced (< 1 h on 2 cores); writes docs/RESULTS.md.
 bench: $(STAMP)
-	$(PY) -m bench.ring8_variants
+	$(PY) -m bench
+
+# The same pipeline on short budgets and one seed (< 10 min); writes docs/RESULTS_quick.md.
+bench-quick: $(STAMP)
+	$(PY) -m bench --quick
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

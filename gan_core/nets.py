@@ -267,6 +267,25 @@ class GeneratorBank(nn.Module):
         return torch.stack([g(z[i]) for i, g in enumerate(self.generators)])
 
 
+class FourierFeatures(nn.Module):
+    """``(n, pack * d)`` packed points -> ``(n, pack * 2m)``: each point x becomes
+    ``[sin(2 pi x B), cos(2 pi x B)]`` with one fixed ``B ~ N(0, scale^2)`` of shape (d, m).
+
+    B is a buffer (saved in checkpoints, never trained) drawn from torch's global generator, which
+    the run seeds before building its nets: every rank and every resume has the same B.
+    """
+
+    def __init__(self, point_dim: int, features: int, scale: float, pack: int) -> None:
+        super().__init__()
+        self.point_dim, self.pack = point_dim, pack
+        self.register_buffer("frequencies", torch.randn(point_dim, features) * scale)
+        self.out_features = pack * 2 * features
+
+    def forward(self, x: Tensor) -> Tensor:
+        angles = 2 * math.pi * (x.reshape(-1, self.point_dim) @ self.frequencies)
+        return torch.cat([angles.sin(), angles.cos()], dim=1).reshape(x.shape[0], -1)
+
+
 class Discriminator(nn.Module):
     """An MLP or DCGAN-style conv D on PACKED inputs: (n, pack*2) points or (n, pack*C, H, W).
 
@@ -288,8 +307,17 @@ class Discriminator(nn.Module):
         batch_norm: bool,
         minibatch_kernels: int,
         minibatch_kernel_dims: int,
+        fourier_features: int = 0,
+        fourier_scale: float = 1.0,
+        pack: int = 1,
     ) -> None:
         super().__init__()
+        self.fourier: FourierFeatures | None = None
+        if fourier_features > 0:
+            self.fourier = FourierFeatures(
+                math.prod(in_shape) // pack, fourier_features, fourier_scale, pack
+            )
+            in_shape = (self.fourier.out_features,)
         layers, features = _feature_body(
             "discriminator", in_shape, arch, width, depth, activation, batch_norm, maxout_pieces
         )
@@ -304,6 +332,8 @@ class Discriminator(nn.Module):
         _dcgan_init(self)
 
     def forward(self, x: Tensor, groups: int = 1) -> Tensor:
+        if self.fourier is not None:
+            x = self.fourier(x)
         h = self.body(x)
         if self.minibatch is not None:
             h = self.minibatch(h, groups)
@@ -454,6 +484,9 @@ def build_discriminator(cfg: GanConfig, data_shape: tuple[int, ...]) -> nn.Modul
         batch_norm=d.batch_norm,
         minibatch_kernels=d.minibatch.kernels,
         minibatch_kernel_dims=d.minibatch.kernel_dims,
+        fourier_features=d.fourier_features,
+        fourier_scale=d.fourier_scale,
+        pack=d.pack,
     )
 
 
