@@ -117,8 +117,15 @@ def test_end_to_end_tiny_plan_writes_json_markdown_pictures_and_resumes(
             "unroll",
             "unroll_d16_k1",
             "D = 1/4 G, unroll 1",
-            "ring8",
-            TINY + ("unroll.steps=1",),
+            "stacked_digits",
+            (
+                "generators.width=8",
+                "discriminator.width=8",
+                "train.batch_size=8",
+                "eval.samples=200",
+                "eval.grid=16",
+                "unroll.steps=1",
+            ),
             3,
             (0,),
         ),
@@ -143,6 +150,12 @@ def test_end_to_end_tiny_plan_writes_json_markdown_pictures_and_resumes(
     # A second invocation reuses every recorded run and trains nothing.
     assert reproduce.main([*args, "--suites", "ring8"]) == 0
     assert "runs: 0 to train, 3 reused" in capsys.readouterr().out
+    # Another suite alone: only its run is trained; the document keeps the recorded ring-8 rows.
+    assert reproduce.main([*args, "--suites", "unroll"]) == 0
+    assert "runs: 1 to train, 0 reused" in capsys.readouterr().out
+    text = docs.read_text()
+    assert "**raygan: raygan best**" in text and "## Unroll depth" in text
+    assert "last invocation trained 1 of them" in text
 
 
 def test_a_bad_row_is_refused_before_any_run(tmp_path: Path, monkeypatch):
