@@ -91,7 +91,8 @@ class DiscriminatorConfig:
     # sin/cos(2 pi x B) for a fixed Gaussian B of this many columns with entries of std
     # fourier_scale (cycles per data unit). An MLP on raw 2D coordinates learns sharp, many-bump
     # functions slowly (spectral bias): on grid-25 PacGAN's D stays at chance for thousands of
-    # steps; with these features it separates the modes at once (docs/RESULTS.md).
+    # steps; with these features it separates them from noise at once (test_fourier.py). In a
+    # GAN the sharper D can overpower G: see bench/search_notes.md before turning it on.
     fourier_features: int = 0
     fourier_scale: float = 1.0
 
