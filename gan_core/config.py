@@ -23,6 +23,15 @@ PRESET_DIR = Path(__file__).parent / "presets"
 DATASETS = ("ring8", "grid25", "digits", "stacked_digits", "parquet")
 OBJECTIVES = ("minimax", "nonsaturating", "wgan-gp", "dragan", "ebgan", "madgan", "mrgan")
 ARCHS = ("mlp", "dcgan")
+# The evaluation metrics each dataset reports (gan_core.metrics): checkpoint.metric may name one
+# of its own data's, or a training metric (d_loss, g_loss, step, ...), which every run reports.
+EVAL_METRICS: dict[str, tuple[str, ...]] = {
+    "ring8": ("modes", "hq_pct", "reverse_kl"),
+    "grid25": ("modes", "hq_pct", "reverse_kl"),
+    "digits": ("modes", "kl", "fd"),
+    "stacked_digits": ("modes", "kl", "fd"),
+    "parquet": (),  # unlabelled data: no mode metrics
+}
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "elu")
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -174,7 +183,7 @@ class ResourcesConfig:
 class CheckpointConfig:
     every: int = 1000  # steps; a checkpoint is also written at the end
     keep: int = 2  # best K kept by `metric`
-    metric: str = "modes"
+    metric: str = ""  # empty: "modes" where the data has labels, else "step" (the latest)
     mode: str = "max"
 
 
@@ -489,6 +498,15 @@ def _one_of(key: str, value: Any, options: tuple[str, ...], source: str) -> None
     _check(value in options, key, value, "one of " + ", ".join(options), source)
 
 
+def checkpoint_metric(cfg: GanConfig) -> tuple[str, str]:
+    """The (metric, mode) that ranks kept checkpoints: ``checkpoint.metric``, or by default modes
+    (max) where the data has mode labels and the step (max: the latest) where it has none."""
+    c = cfg.checkpoint
+    if c.metric:
+        return c.metric, c.mode
+    return ("modes", "max") if EVAL_METRICS.get(cfg.data.name) else ("step", "max")
+
+
 def validate(cfg: GanConfig, source: str = "<config>") -> None:
     """Range and combination checks that types alone cannot express."""
     g, d, o, t = cfg.generators, cfg.discriminator, cfg.objective, cfg.train
@@ -581,6 +599,18 @@ def validate(cfg: GanConfig, source: str = "<config>") -> None:
     _check(c.every >= 1, "checkpoint.every", c.every, ">= 1", source)
     _check(c.keep >= 1, "checkpoint.keep", c.keep, ">= 1", source)
     _one_of("checkpoint.mode", c.mode, ("max", "min"), source)
+    own = EVAL_METRICS.get(cfg.data.name, ())
+    other = {m for names in EVAL_METRICS.values() for m in names} - set(own)
+    # Ray only logs an error per checkpoint for a missing score and then keeps arbitrary ones.
+    _check(
+        c.metric not in other,
+        "checkpoint.metric",
+        c.metric,
+        f"a metric data.name={cfg.data.name} reports: "
+        + (", ".join(own) + " or " if own else "")
+        + "a training metric (d_loss, g_loss, step), or empty for the data's default",
+        source,
+    )
     _check(
         bool(cfg.name)
         and cfg.name not in (".", "..")

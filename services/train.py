@@ -24,7 +24,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gan_core.config import ConfigError, GanConfig, load_config, preset_names, to_dict
+from gan_core.config import (
+    ConfigError,
+    GanConfig,
+    checkpoint_metric,
+    load_config,
+    preset_names,
+    to_dict,
+)
 from gan_core.loop import LoopHooks, NonFiniteError
 from services.checkpoints import CheckpointError
 from services.storage import StorageError, open_storage, ray_storage_args, redact
@@ -129,6 +136,7 @@ def run_with_ray(cfg: GanConfig, args: argparse.Namespace) -> dict[str, Any]:
     storage = open_storage(cfg.storage)
     _init_ray(args.address, args.verbose)
     r, c = cfg.resources, cfg.checkpoint
+    metric, order = checkpoint_metric(cfg)
     trainer = _InterruptibleTrainer(
         train_loop_per_worker,
         train_loop_config={"gan": to_dict(cfg), "quiet": args.quiet, "scan_storage": True},
@@ -150,8 +158,8 @@ def run_with_ray(cfg: GanConfig, args: argparse.Namespace) -> dict[str, Any]:
             },
             checkpoint_config=CheckpointConfig(
                 num_to_keep=c.keep,
-                checkpoint_score_attribute=c.metric,
-                checkpoint_score_order=c.mode,
+                checkpoint_score_attribute=metric,
+                checkpoint_score_order=order,
             ),
             **ray_storage_args(storage),
         ),

@@ -46,7 +46,7 @@ from ray.train import (
 )
 from ray.train.torch import TorchTrainer
 
-from gan_core.config import GanConfig, from_dict, to_dict
+from gan_core.config import GanConfig, checkpoint_metric, from_dict, to_dict
 from services.storage import open_storage, ray_storage_args
 from services.worker import train_loop_per_worker
 from tuning.objective import with_score
@@ -164,8 +164,8 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
             failure_config=FailureConfig(max_failures=r.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=c.keep,
-                checkpoint_score_attribute=c.metric,
-                checkpoint_score_order=c.mode,
+                checkpoint_score_attribute=checkpoint_metric(cfg)[0],
+                checkpoint_score_order=checkpoint_metric(cfg)[1],
             ),
             **ray_storage_args(open_storage(cfg.storage)),
         ),

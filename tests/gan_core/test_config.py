@@ -20,6 +20,7 @@ from gan_core.config import (
     GeneratorConfig,
     ObjectiveConfig,
     UnrollConfig,
+    checkpoint_metric,
     flatten,
     from_dict,
     load_config,
@@ -548,3 +549,40 @@ def test_integer_knobs_load_or_raise_config_error(steps: int, count: int, kernel
         assert not bad, f"{overrides} loaded although {sorted(bad)} are out of range"
         assert (cfg.unroll.steps, cfg.generators.count) == (steps, count)
         assert cfg.discriminator.minibatch.kernels == kernels
+
+
+PARQUET = ["data.name=parquet", "data.path=/data/points.parquet"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ([], ("modes", "max")),
+        (["data.name=stacked_digits"], ("modes", "max")),
+        (PARQUET, ("step", "max")),  # unlabelled data: keep the latest checkpoints
+        (["checkpoint.metric=reverse_kl", "checkpoint.mode=min"], ("reverse_kl", "min")),
+        ([*PARQUET, "checkpoint.metric=g_loss", "checkpoint.mode=min"], ("g_loss", "min")),
+    ],
+)
+def test_checkpoint_metric_defaults_to_what_the_data_reports(
+    overrides: list[str], expected: tuple[str, str]
+) -> None:
+    assert checkpoint_metric(load_config("ring8", overrides)) == expected
+
+
+@pytest.mark.parametrize(
+    ("overrides", "metric"),
+    [
+        (PARQUET, "modes"),  # Parquet data has no mode labels
+        ([], "kl"),  # ring-8 reports reverse_kl, not kl
+        (["data.name=stacked_digits"], "hq_pct"),
+    ],
+)
+def test_checkpoint_metric_the_data_never_reports_is_refused(
+    overrides: list[str], metric: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config("ring8", [*overrides, f"checkpoint.metric={metric}"])
+    message = str(err.value)
+    assert "checkpoint.metric" in message and repr(metric) in message
+    assert "a training metric" in message
