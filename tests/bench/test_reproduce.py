@@ -9,6 +9,7 @@ import pytest
 
 from bench import reproduce, results_doc
 from bench.reproduce import Plan, Row, plan, row_config
+from gan_core.config import flatten, load_config
 
 TINY = (
     "generators.width=16",
@@ -49,6 +50,19 @@ def test_full_plan_has_five_seeds_for_the_bars_and_every_unroll_depth_for_both_d
     for cfg in plain.values():
         assert cfg.discriminator.pack == 1 and cfg.generators.count == 1
         assert cfg.unroll.steps == 0 and cfg.discriminator.minibatch.kernels == 0
+
+
+@pytest.mark.parametrize("data", ["ring8", "grid25", "stacked_digits"])
+def test_best_preset_trains_exactly_the_benchmarked_best_row(data):
+    # `services.train --preset DATA_best` must be the config docs/RESULTS.md measured, not a
+    # hand copy that drifted: everything that decides the model agrees.
+    (row,) = [r for r in plan(False).rows if r.preset == data and r.key.endswith("_best")]
+    bench = flatten(row_config(row, 0))
+    preset = flatten(load_config(f"{data}_best"))
+    ignored = {"name", "seed", "eval.every", "train.threads"}  # bookkeeping, not the model
+    assert {k: v for k, v in preset.items() if k not in ignored} == {
+        k: v for k, v in bench.items() if k not in ignored
+    }
 
 
 def test_config_id_changes_with_anything_that_decides_the_model():
