@@ -737,6 +737,11 @@ def validate(cfg: GanConfig, source: str = "<config>") -> None:
             "needs 2 inputs per batch), or discriminator.batch_norm=false",
             source,
         )
+    # Last: valid sizes can still add up to more memory than any worker has (a width of 10**6);
+    # the estimate builds the nets on the meta device, which needs every check above to pass.
+    from gan_core.footprint import check_footprint  # imported here: it imports torch and nets
+
+    check_footprint(cfg, source=source)
 
 
 def _check_numbers(cfg: GanConfig, source: str) -> None:

@@ -1,0 +1,155 @@
+"""A run's memory footprint per worker, estimated before anything is allocated.
+
+Range checks let ``generators.width=10**6`` or ``train.batch_size=10**9`` through: they are valid
+numbers, and the run would only die inside a Ray worker, out of memory, after the cluster had
+started. ``footprint`` builds the run's nets on PyTorch's ``meta`` device (shapes without storage,
+so a net of 10**12 parameters costs nothing) and runs one forward pass there to count
+activations; ``check_footprint`` refuses a config whose estimate exceeds what any single worker
+has, naming the key that costs the most.
+
+The estimate is an upper-bound model, not a measurement: every parameter costs 16 bytes in
+training (weights, gradients, Adam's two moments; +4 for G's EMA copy); every activation element
+of a training step is kept for backward (x2 for its gradient), times (1 + unroll.steps) for the
+unrolled look-ahead; evaluation keeps ``eval.samples`` outputs plus one chunk's activations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gan_core.config import ConfigError, GanConfig
+from gan_core.nets import build_discriminator, build_encoder, build_generator, pack_samples
+
+# No single worker (a host's RAM, or one GPU: an H200 has 141 GB) holds more than this; a config
+# above it cannot train anywhere raygan runs, so it is refused before Ray starts.
+MAX_WORKER_BYTES = 256 * 2**30
+_EVAL_CHUNK = 5000  # samples generated per call (gan_core.loop.GanRun.generate)
+_FLOAT = 4
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Estimated bytes per worker, by what costs them (keys are the config keys that scale them)."""
+
+    parts: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def largest(self) -> str:
+        return max(self.parts, key=self.parts.__getitem__)
+
+
+def data_shape(cfg: GanConfig) -> tuple[int, ...]:
+    """The per-sample shape ``cfg.data`` yields, without reading data.
+
+    Parquet points have as many coordinates as the file has columns, unknown until read: (1,) is
+    a lower bound, which keeps the estimate from refusing a config that fits.
+    """
+    shapes = {"ring8": (2,), "grid25": (2,), "digits": (1, 8, 8), "stacked_digits": (3, 8, 8)}
+    if cfg.data.name in shapes:
+        return shapes[cfg.data.name]
+    if cfg.data.image_size > 0:
+        return (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    return (1,)
+
+
+def _activations(net: nn.Module, x: torch.Tensor) -> int:
+    """Elements output by every leaf module of ``net`` on input ``x`` (on the meta device)."""
+    total = 0
+
+    def count(_module: nn.Module, _inputs: object, output: object) -> None:
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output.numel()
+
+    hooks = [m.register_forward_hook(count) for m in net.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            net(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total
+
+
+def _parameters(net: nn.Module | None) -> int:
+    return 0 if net is None else sum(p.numel() for p in net.parameters())
+
+
+def footprint(cfg: GanConfig, shape: tuple[int, ...] | None = None) -> Footprint:
+    """Estimated training and evaluation bytes per worker of ``cfg`` on samples of ``shape``."""
+    shape = tuple(shape or data_shape(cfg))
+    g, d = cfg.generators, cfg.discriminator
+    # A bank of N generators is N copies (or one body and N heads): build one or two and scale,
+    # since building 5,000 generators, even without storage, takes minutes.
+    one = dataclasses.replace(cfg, generators=dataclasses.replace(g, count=1))
+    two = dataclasses.replace(cfg, generators=dataclasses.replace(g, count=2))
+    with torch.device("meta"):
+        generator = build_generator(one, shape)
+        g_params = _parameters(generator)
+        if g.count > 1:
+            per_head = _parameters(build_generator(two, shape)) - g_params if g.shared else g_params
+            g_params += (g.count - 1) * per_head
+        discriminator = build_discriminator(cfg, shape)
+        encoder = build_encoder(cfg, shape)
+        # Two packed inputs: BatchNorm refuses a batch of one in training mode.
+        probe = 2 * d.pack
+        per_sample_g = _activations(generator, torch.zeros(1, probe, g.z_dim)) / probe
+        fake = torch.zeros(probe, *shape)
+        per_sample_d = _activations(discriminator, pack_samples(fake, d.pack)) / probe
+        per_sample_e = 0.0 if encoder is None else _activations(encoder, fake) / probe
+    batch = cfg.train.batch_size
+    # G draws batch samples per step (split among its generators); D sees them and as many real
+    # ones; backward keeps every activation and its gradient; an unrolled look-ahead repeats D's
+    # part k more times.
+    step = batch * (per_sample_g + 2 * per_sample_d * (1 + cfg.unroll.steps) + 2 * per_sample_e)
+    chunk = min(cfg.eval.samples, _EVAL_CHUNK)
+    parts = {
+        "generators.width": (16 + 4) * g_params,
+        "discriminator.width": 16 * _parameters(discriminator),
+        "encoder.width": 16 * _parameters(encoder),
+        "train.batch_size": int(2 * _FLOAT * step),
+        "eval.samples": int(_FLOAT * (cfg.eval.samples * math.prod(shape) + chunk * per_sample_g)),
+    }
+    return Footprint(parts)
+
+
+def check_footprint(
+    cfg: GanConfig,
+    shape: tuple[int, ...] | None = None,
+    limit: int = MAX_WORKER_BYTES,
+    source: str = "<config>",
+) -> Footprint:
+    """``footprint(cfg)``, or a ConfigError naming the costliest key when it exceeds ``limit``."""
+    estimate = footprint(cfg, shape)
+    if estimate.total > limit:
+        key = estimate.largest
+        value = _lookup(cfg, key)
+        breakdown = ", ".join(
+            f"{name} {size / 2**30:.3g} GiB"
+            for name, size in sorted(estimate.parts.items(), key=lambda kv: -kv[1])
+            if size
+        )
+        raise ConfigError(
+            key,
+            value,
+            f"a size whose estimated memory per worker fits {limit / 2**30:.0f} GiB; this "
+            f"config needs ~{estimate.total / 2**30:.3g} GiB ({breakdown})",
+            source,
+        )
+    return estimate
+
+
+def _lookup(cfg: GanConfig, key: str) -> object:
+    node: object = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
