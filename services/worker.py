@@ -188,6 +188,13 @@ class WorkerSession:
             self.mlflow_run_id = self.tracker.run_id or self.mlflow_run_id
 
 
+def checkpoint_uri(checkpoint: Any) -> str:
+    """Where a ``ray.train.Checkpoint`` is stored, as a user would write it (``s3://...``)."""
+    filesystem = getattr(checkpoint, "filesystem", None)
+    scheme = getattr(filesystem, "type_name", "local")
+    return checkpoint.path if scheme == "local" else f"{scheme}://{checkpoint.path}"
+
+
 def restore_latest_stored(session: WorkerSession, newer_than: int = 0) -> bool:
     """Restore the newest complete, loadable checkpoint folder of this run found in storage
     (Ray's ``checkpoint_*`` folders) if its step is above ``newer_than``; folders that are
@@ -259,7 +266,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint() or config.get("resume_from")
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            session.restore(folder)
+            try:
+                session.restore(folder)
+            except CheckpointError as exc:
+                # On S3 the folder is a local download; the user needs the stored checkpoint.
+                raise CheckpointError(
+                    str(exc).replace(str(folder), checkpoint_uri(checkpoint))
+                ) from None
     if config.get("scan_storage"):
         # Ray registers a checkpoint only once its controller has polled every rank's report:
         # a worker lost (or a driver interrupted) within that window, about a second, loses

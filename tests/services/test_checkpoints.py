@@ -236,3 +236,19 @@ def test_overwrite_is_atomic(trained: dict, tmp_path: Path) -> None:
         [STATE_FILE, CONFIG_FILE, META_FILE]
     )
     assert json.loads((tmp_path / META_FILE).read_text())["metrics"] == {"d_loss": 2.0}
+
+
+def test_a_refused_checkpoint_is_named_by_its_stored_uri_not_a_download_folder() -> None:
+    import pyarrow.fs
+    from ray.train import Checkpoint
+
+    from services.worker import checkpoint_uri
+
+    # Constructing an S3 filesystem contacts nothing; the endpoint is a closed loopback port.
+    s3 = pyarrow.fs.S3FileSystem(
+        endpoint_override="http://127.0.0.1:9", region="us-east-1", anonymous=True
+    )
+    stored = Checkpoint("bucket/runs/demo/checkpoint_2026", filesystem=s3)
+    assert checkpoint_uri(stored) == "s3://bucket/runs/demo/checkpoint_2026"
+    local = Checkpoint("/data/runs/demo/checkpoint_2026", filesystem=pyarrow.fs.LocalFileSystem())
+    assert checkpoint_uri(local) == "/data/runs/demo/checkpoint_2026"
