@@ -179,6 +179,8 @@ def render(payload: dict[str, Any]) -> str:
     summary = payload["rows"]
     m = payload["machine"]
     quick = payload["quick"]
+    cpu = sum(r["cpu_seconds"] for r in payload["runs"])
+    jobs = max(1, int(payload.get("jobs", 2)))
     out = [
         "# Results: mode coverage against the published numbers",
         "",
@@ -186,10 +188,11 @@ def render(payload: dict[str, Any]) -> str:
         + (" --quick`" if quick else "` (`make bench`)")
         + f" at commit `{m['commit']}` on {m['date']}; machine: {m['cores']} cores "
         f"({m['cpu']}), Python {m['python']}, torch {m['torch']}. The runs below took "
-        f"{sum(r['cpu_seconds'] for r in payload['runs']):.0f} CPU s of training in all; the "
-        f"last invocation trained {payload['trained']} of them in {payload['wall_seconds']:.0f} "
-        "s of wall time (the others were recorded by an earlier invocation of the same config "
-        "and reused, see bench/reproduce.py). Do not edit by hand: rerun the command.",
+        f"{cpu:.0f} CPU s of training in all (a fresh run, {jobs} at once, needs about "
+        f"{cpu / jobs / 60:.0f} min of wall time); the last invocation trained "
+        f"{payload['trained']} of them in {payload['wall_seconds']:.0f} s of wall time (the "
+        "others were recorded by an earlier invocation of the same config and reused, see "
+        "bench/reproduce.py). Do not edit by hand: rerun the command.",
         "",
         "Protocol:",
         "",

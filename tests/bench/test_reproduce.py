@@ -40,7 +40,8 @@ def test_full_plan_has_five_seeds_for_the_bars_and_every_unroll_depth_for_both_d
         ours = [r for r in rows if r.suite == suite]
         assert {"plain", "best"} <= {r.key.split("_")[-1] for r in ours}
         assert sum(r.key.endswith("_best") for r in ours) == 1  # one row is held to the bar
-        assert all(r.seeds == (0, 1, 2, 3, 4) for r in ours)
+        # The plain and best rows (what the bars compare) have 5 seeds; references may have 1.
+        assert all(r.seeds == (0, 1, 2, 3, 4) for r in ours if r.key.endswith(("_plain", "_best")))
     unroll = [row_config(r, 0) for r in rows if r.suite == "unroll"]
     pairs = {(c.discriminator.width * 4 // c.generators.width, c.unroll.steps) for c in unroll}
     # D = 1/4 G and D = 1/2 G (in base channels), each at depths 0, 1, 5, 10.
