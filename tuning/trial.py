@@ -148,6 +148,7 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
             settings.tracking_uri, settings.parent_run_id, settings.sweep, trial, config
         )
     r, c = cfg.resources, cfg.checkpoint
+    metric, order = checkpoint_metric(cfg)
     mailbox = ray.remote(num_cpus=0)(Mailbox).remote()
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -164,8 +165,8 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
             failure_config=FailureConfig(max_failures=r.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=c.keep,
-                checkpoint_score_attribute=checkpoint_metric(cfg)[0],
-                checkpoint_score_order=checkpoint_metric(cfg)[1],
+                checkpoint_score_attribute=metric,
+                checkpoint_score_order=order,
             ),
             **ray_storage_args(open_storage(cfg.storage)),
         ),
