@@ -179,8 +179,9 @@ class GanRun:
     def first_nonfinite(self, metrics: dict[str, float]) -> str | None:
         """The name of the first NaN/Inf loss or weight after a step; None when all are finite.
 
-        Weights are checked with one fused norm per network (a NaN or Inf anywhere makes the
-        norm non-finite), so the check costs microseconds. Under fp16 a scaler skips steps
+        Weights are checked with one fused max-abs norm per network (a NaN or Inf anywhere
+        makes it non-finite; unlike the 2-norm it cannot overflow on large finite weights), so
+        the check costs microseconds. Under fp16 a scaler skips steps
         with infinite gradients by design, so only the weights count there."""
         if self.cfg.train.precision != "fp16":
             for key, value in metrics.items():
@@ -191,7 +192,8 @@ class GanRun:
             nets["encoder"] = self.model.encoder
         for name, net in nets.items():
             params = [p.detach() for p in unwrap(net).parameters()]
-            if params and not bool(torch.isfinite(torch.stack(torch._foreach_norm(params))).all()):
+            norms = torch._foreach_norm(params, math.inf) if params else []
+            if norms and not bool(torch.isfinite(torch.stack(norms)).all()):
                 bad = next(n for n, p in unwrap(net).named_parameters() if not p.isfinite().all())
                 return f"weight {name}.{bad}"
         return None

@@ -27,6 +27,7 @@ import argparse
 import csv
 import io
 import math
+import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ class TrialRow:
     steps_per_s: float | None = None  # mean over its reports (training only, no evaluation)
     wall_s: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
+    error: str = ""  # an ERROR trial's reason: the last line of Tune's error trace
 
     @property
     def stopped_early(self) -> bool:
@@ -70,9 +72,11 @@ def trial_row(
     last: dict[str, Any],
     history: list[dict[str, Any]],
     total_steps: int,
+    error: str | None = None,
 ) -> TrialRow:
     """A row from Tune's view of a trial: its status (TERMINATED, ERROR, RUNNING, PENDING,
-    PAUSED), its last result and the reports still on file (oldest first, possibly partial)."""
+    PAUSED), its last result, the reports still on file (oldest first, possibly partial) and,
+    for an errored trial, Tune's error trace."""
     if tune_status == "ERROR":
         status = "ERROR"
     elif int(last.get("step", 0)) >= total_steps:
@@ -94,7 +98,18 @@ def trial_row(
         steps_per_s=fmean(speeds) if speeds else None,
         wall_s=float(last.get("time_total_s", 0.0)),
         history=list(history),
+        error=error_reason(error) if status == "ERROR" else "",
     )
+
+
+def error_reason(trace: str | None) -> str:
+    """The exception line of a Tune error trace (``RuntimeError: nan-stop diverged: ...``): the
+    last line shaped like ``SomethingError: message``, else the last non-empty line."""
+    lines = [line.strip() for line in (trace or "").splitlines() if line.strip()]
+    for line in reversed(lines):
+        if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b[^:]*: ", line):
+            return line
+    return lines[-1] if lines else "no error recorded"
 
 
 def load_rows(storage: Storage, plan: SweepPlan) -> list[TrialRow]:
@@ -110,9 +125,16 @@ def load_rows(storage: Storage, plan: SweepPlan) -> list[TrialRow]:
         frame = frames.get(trial.trial_id)
         history = frame.to_dict("records") if frame is not None else []
         total = plan.trial_config(trial.config).train.steps
+        error = trial.get_error() if trial.status == "ERROR" else None
         rows.append(
             trial_row(
-                str(trial), trial.config, trial.status, trial.last_result or {}, history, total
+                str(trial),
+                trial.config,
+                trial.status,
+                trial.last_result or {},
+                history,
+                total,
+                error=str(error) if error else None,
             )
         )
     return sorted(rows, key=lambda r: r.trial)
@@ -127,19 +149,40 @@ def best_row(rows: list[TrialRow], metric: str, mode: str) -> TrialRow | None:
     return pick(scored, key=lambda r: r.value(metric))
 
 
+def common_step(rows: list[TrialRow]) -> int | None:
+    """The last evaluation step that every trial with reports reached (ASHA's first rung, in a
+    sweep it stopped trials in); None when no trial has a report history."""
+    reached = [
+        max(int(r["step"]) for r in row.history if isinstance(r.get("step"), int | float))
+        for row in rows
+        if any(isinstance(r.get("step"), int | float) for r in row.history)
+    ]
+    return min(reached) if reached else None
+
+
+def value_at(row: TrialRow, metric: str, step: int) -> float | None:
+    """``metric`` as the trial reported it at ``step`` (None if that report is not on file)."""
+    for report in row.history:
+        if report.get("step") == step and isinstance(report.get(metric), int | float):
+            return float(report[metric])
+    return None
+
+
 def marginal_effects(
-    rows: list[TrialRow], knobs: list[str], metric: str = "modes"
+    rows: list[TrialRow], knobs: list[str], metric: str = "modes", at_step: int | None = None
 ) -> dict[str, list[tuple[Any, float, int]]]:
     """For each knob, ``(value, mean of metric, trials)`` over the trials with that value.
 
     Averaging over all other knobs is what a grid makes fair: each value of one knob meets every
-    combination of the others equally often. Trials without the metric are left out.
+    combination of the others equally often. Trials without the metric are left out. By default
+    each trial counts with its last report; ``at_step`` compares them all at that step instead,
+    which a scheduler's early stops cannot bias (a stopped trial's last report is older).
     """
     effects: dict[str, list[tuple[Any, float, int]]] = {}
     for knob in knobs:
         groups: dict[Any, list[float]] = {}
         for row in rows:
-            value = row.value(metric)
+            value = row.value(metric) if at_step is None else value_at(row, metric, at_step)
             if knob in row.knobs and value is not None and math.isfinite(value):
                 groups.setdefault(row.knobs[knob], []).append(value)
         effects[knob] = [
@@ -209,6 +252,17 @@ def _markdown(header: list[str], body: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _effects_table(plan: SweepPlan, rows: list[TrialRow], step: int | None) -> str:
+    effect_rows = []
+    coverage = marginal_effects(rows, plan.space.knobs, "modes", step)
+    scores = marginal_effects(rows, plan.space.knobs, plan.metric, step)
+    for knob in plan.space.knobs:
+        by_value = {v: m for v, m, _ in scores[knob]}
+        for value, mean_modes, n in coverage[knob]:
+            effect_rows.append([knob, value, n, mean_modes, by_value.get(value)])
+    return _markdown(["knob", "value", "trials", "mean modes", f"mean {plan.metric}"], effect_rows)
+
+
 def render_markdown(plan: SweepPlan, rows: list[TrialRow]) -> str:
     columns = table_columns(plan, rows)
     sign = -1.0 if plan.mode == "max" else 1.0
@@ -238,16 +292,22 @@ def render_markdown(plan: SweepPlan, rows: list[TrialRow]) -> str:
         "Mean over the trials with each value (all other knobs averaged out).",
         "",
     ]
-    effect_rows = []
-    coverage = marginal_effects(rows, plan.space.knobs, "modes")
-    scores = marginal_effects(rows, plan.space.knobs, plan.metric)
-    for knob in plan.space.knobs:
-        by_value = {v: m for v, m, _ in scores[knob]}
-        for value, mean_modes, n in coverage[knob]:
-            effect_rows.append([knob, value, n, mean_modes, by_value.get(value)])
-    parts.append(
-        _markdown(["knob", "value", "trials", "mean modes", f"mean {plan.metric}"], effect_rows)
-    )
+    parts.append(_effects_table(plan, rows, None))
+    step = common_step(rows)
+    last = max((int(r.metrics.get("step", 0)) for r in rows), default=0)
+    if step is not None and step < last:
+        parts += [
+            "",
+            f"The same at step {step}, which every trial reached: a scheduler's early stops "
+            "cannot bias this comparison (a stopped trial's last report is older than the "
+            "others').",
+            "",
+            _effects_table(plan, rows, step),
+        ]
+    failed = [r for r in rows if r.status == "ERROR"]
+    if failed:
+        parts += ["", "## Failed trials", ""]
+        parts += [f"- {r.trial}: {r.error}" for r in failed]
     best = best_row(rows, plan.metric, plan.mode)
     parts += ["", "## Best trial", ""]
     if best is None:

@@ -92,9 +92,10 @@ def close_children(
     """End the children Tune is done with; returns ``{trial: MLflow status}`` of every child.
 
     ``outcomes`` maps a trial name to ``{"status": COMPLETED|STOPPED|ERROR|INCOMPLETE,
-    "score": float | None}`` (see tuning.report). Finished trials get their final score and a
-    ``raygan.stopped_early`` tag; a run still RUNNING is ended FINISHED (completed or stopped by
-    the scheduler), FAILED (error), or KILLED (an interrupted sweep; a resume reopens it).
+    "score": float | None, "error": str}`` (see tuning.report). Finished trials get their final
+    score and a ``raygan.stopped_early`` tag, errored ones their reason as ``raygan.error``; a
+    run still RUNNING is ended FINISHED (completed or stopped by the scheduler), FAILED (error),
+    or KILLED (an interrupted sweep; a resume reopens it).
     """
     client = mlflow.MlflowClient(tracking_uri)
     statuses = {}
@@ -107,6 +108,9 @@ def close_children(
                 RunTag("raygan.stopped_early", str(outcome["status"] == "STOPPED").lower()),
                 RunTag("raygan.tune_status", outcome["status"]),
             ]
+            if outcome.get("error"):
+                # MLflow caps a tag value at 8,000 characters; the reason line is short.
+                tags.append(RunTag("raygan.error", redact(str(outcome["error"]))[:5000]))
             metrics = []
             if outcome.get("score") is not None:
                 metrics.append(

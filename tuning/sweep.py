@@ -359,6 +359,7 @@ def _finish(plan: SweepPlan, storage: Storage, tracker: Any, wall: float) -> Swe
                 "status": row.status,
                 "score": row.value(plan.metric),
                 "step": int(row.metrics.get("step", 0)),
+                "error": row.error,
             }
             for row in rows
         }

@@ -135,6 +135,19 @@ def test_finite_runs_report_none_and_inf_in_a_bias_is_named() -> None:
     assert run.first_nonfinite({"d_loss": 0.5}) == f"weight generator.{bias}"
 
 
+def test_huge_finite_weights_are_not_called_non_finite() -> None:
+    """Weights of 1e30 square to inf in a 2-norm; each one is still finite (a learning rate of
+    1e30 makes such weights in one step). Found by a sweep, where it crashed the check."""
+    run = _run()
+    with torch.no_grad():
+        for p in run.model.discriminator.parameters():
+            p.fill_(1e30)
+    assert run.first_nonfinite({"d_loss": 0.5}) is None
+    with torch.no_grad():
+        next(run.model.discriminator.parameters()).view(-1)[3] = math.nan
+    assert run.first_nonfinite({"d_loss": 0.5}).startswith("weight discriminator.")
+
+
 def test_rate_scale_and_rollbacks_survive_a_checkpoint_round_trip() -> None:
     run = _run()
     run.run(LoopHooks(on_step=_poison_at(7)))

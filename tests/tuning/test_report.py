@@ -11,7 +11,15 @@ import pytest
 from gan_core.config import load_config
 from tuning import report
 from tuning.plan import SweepPlan, make_plan
-from tuning.report import TrialRow, best_row, marginal_effects, trial_row
+from tuning.report import (
+    TrialRow,
+    best_row,
+    common_step,
+    error_reason,
+    marginal_effects,
+    trial_row,
+    value_at,
+)
 
 
 def row(
@@ -39,6 +47,49 @@ def test_marginal_effects_by_hand() -> None:
     effects = marginal_effects(rows, ["unroll.steps", "generators.count"])
     assert effects["unroll.steps"] == [(0, 4.0, 2), (5, 6.5, 2), (10, 7.0, 1)]
     assert effects["generators.count"] == [(1, pytest.approx(14 / 3), 3), (4, 7.0, 2)]
+
+
+def test_marginal_effects_at_the_step_every_trial_reached() -> None:
+    """Compared at their last reports, a trial stopped early at step 10 counts with its step-10
+    modes against the others' step-30 modes; at the common step, all count at step 10."""
+
+    def hist(*modes: float) -> list[dict[str, Any]]:
+        return [{"step": 10 * (i + 1), "modes": m} for i, m in enumerate(modes)]
+
+    rows = [
+        TrialRow("a", {"unroll.steps": 0}, hist(1, 4, 8)[-1], "COMPLETED", history=hist(1, 4, 8)),
+        TrialRow("b", {"unroll.steps": 0}, hist(3, 6, 6)[-1], "COMPLETED", history=hist(3, 6, 6)),
+        TrialRow("c", {"unroll.steps": 5}, hist(5)[-1], "STOPPED", history=hist(5)),
+        TrialRow("d", {"unroll.steps": 5}, hist(0, 2)[-1], "STOPPED", history=hist(0, 2)),
+        TrialRow("e", {"unroll.steps": 5}, {}, "ERROR"),  # no reports: no say in either
+    ]
+    assert common_step(rows) == 10
+    assert value_at(rows[1], "modes", 20) == 6.0 and value_at(rows[2], "modes", 20) is None
+    assert marginal_effects(rows, ["unroll.steps"])["unroll.steps"] == [(0, 7.0, 2), (5, 3.5, 2)]
+    at_10 = marginal_effects(rows, ["unroll.steps"], at_step=10)["unroll.steps"]
+    assert at_10 == [(0, 2.0, 2), (5, 2.5, 2)]
+    assert common_step([TrialRow("x", {}, {}, "ERROR")]) is None
+
+
+def test_error_reason_is_the_exception_line() -> None:
+    trace = (
+        "Failure # 1 (occurred at 2026-11-27_00-10-00)\n"
+        "ray::ImplicitFunc.train() (pid=1, ip=127.0.0.1)\n"
+        '  File "tuning/trial.py", line 220, in _fit_and_forward\n'
+        "    raise outcome['error']\n"
+        "RuntimeError: t diverged: non-finite loss at step 1; stopped (train.on_nonfinite=stop)\n"
+    )
+    assert error_reason(trace) == (
+        "RuntimeError: t diverged: non-finite loss at step 1; stopped (train.on_nonfinite=stop)"
+    )
+    assert error_reason("ray.exceptions.RayActorError: The actor died\n\n") == (
+        "ray.exceptions.RayActorError: The actor died"
+    )
+    assert error_reason("something odd\n") == "something odd"
+    assert error_reason(None) == "no error recorded"
+    errored = trial_row("t", {}, "ERROR", {}, [], 30, error=trace)
+    assert errored.error.endswith("stopped (train.on_nonfinite=stop)")
+    assert trial_row("t", {}, "TERMINATED", {"step": 30}, [], 30, error=trace).error == ""
 
 
 def test_best_row_is_mode_aware() -> None:
@@ -136,6 +187,9 @@ def test_report_files(tmp_path: Path) -> None:
     assert "| unroll.steps | 5 | 2 | 4 |" in text
     assert "| discriminator.minibatch.kernels | 8 | 2 | 3.5 |" in text
     assert "trial_2: unroll.steps=5, discriminator.minibatch.kernels=0; score = 6.91" in text
+    # trial_3 was stopped at step 20: the effects are also shown at step 20 for every trial.
+    assert "The same at step 20, which every trial reached" in text
+    assert "## Failed trials" not in text
     with files["trials.csv"].open() as f:
         table = list(csv.DictReader(f))
     assert [r["trial"] for r in table] == ["trial_0", "trial_1", "trial_2", "trial_3"]

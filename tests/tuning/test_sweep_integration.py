@@ -316,3 +316,49 @@ def test_pbt_mutated_learning_rates_reach_the_optimizer(ray_cluster: None, tmp_p
         float(child[exploited[0]].data.params["g_optim.lr"])
         != final[exploited[0]].config["g_optim.lr"]
     )
+
+
+def test_a_diverged_trial_errors_with_its_reason(
+    ray_cluster: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``train.on_nonfinite=stop`` in a sweep: the trial that diverges ends as a Tune ERROR whose
+    reason reaches Tune's error file, the report and its MLflow run; the other trial is unharmed."""
+    space = tmp_path / "nan.yaml"
+    space.write_text("grid:\n  g_optim.lr: [2.0e-3, 1.0e30]\nfixed:\n  train.on_nonfinite: stop\n")
+    runs, tracking = tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rc = sweep.main(
+        [
+            "--space",
+            str(space),
+            "--name",
+            "nan",
+            "--scheduler",
+            "fifo",
+            "--max-concurrent",
+            "2",
+            "--quiet",
+            *TINY,
+            "train.steps=20",
+            f"storage.uri={runs}",
+            f"tracking.uri={tracking}",
+        ]
+    )
+    assert rc == 0  # the healthy trial gives the sweep its best config
+    out = capsys.readouterr().out
+    assert "1 completed, 0 stopped early, 1 failed" in out
+    folder = runs / "nan"
+    final = trials(folder)
+    (bad,) = [t for t, trial in final.items() if trial.config["g_optim.lr"] > 1]
+    (good,) = set(final) - {bad}
+    assert final[bad].status == "ERROR" and final[good].status == "TERMINATED"
+    reason = "stopped (train.on_nonfinite=stop)"
+    assert reason in Path(final[bad].error_file).read_text()
+    text = (folder / "report.md").read_text()
+    failed = text.split("## Failed trials", 1)[1].split("##", 1)[0]
+    assert f"- {bad}: RuntimeError: " in failed and reason in failed and good not in failed
+    _, children = sweep_runs(tracking, "nan")
+    child = {c.data.tags[TRIAL_TAG]: c for c in children}
+    assert child[bad].info.status == "FAILED"
+    assert reason in child[bad].data.tags["raygan.error"]
+    assert "non-finite" in child[bad].data.tags["raygan.stop_reason"]  # set by the worker
+    assert child[good].info.status == "FINISHED" and child[good].data.metrics["step"] == 20
