@@ -239,7 +239,15 @@ def _open_s3(cfg: StorageConfig, uri: str) -> Storage:
         )
         kind = probe.get_file_info(bucket).type
         filesystem = pafs.S3FileSystem(
-            **options, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_SDK_ATTEMPTS)
+            **options,
+            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_SDK_ATTEMPTS),
+            # Uploads in the writing thread. Ray and Tune copy folders with pyarrow's
+            # copy_files, which closes each file on one of pyarrow's I/O threads; through
+            # RetryingS3Handler that close writes to S3, and a background write would wait for
+            # another I/O thread: once all of them wait, the copy hangs for ever (Ray avoids it
+            # only for a bare S3FileSystem, apache/arrow#32372). Our writes are buffered whole,
+            # so background writes bought nothing.
+            background_writes=False,
         )
     except (OSError, ValueError) as exc:
         raise StorageError(f"cannot reach storage {where}: {exc}") from None

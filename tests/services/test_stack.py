@@ -210,6 +210,7 @@ def test_up_status_down(tmp_path: Path) -> None:
         )
         assert listed.returncode == 0, listed.stderr[-2000:]
         _submit_gan_jobs(ray_env, state, s3_client, mlflow_port)
+        _submit_sweep_job(ray_env, state, s3_client, mlflow_port, tmp_path)
 
         shown = _stack(["status", *flags], env)
         assert shown.returncode == 0 and shown.stdout.count(" healthy ") == 3, shown.stdout
@@ -299,3 +300,79 @@ def _submit_gan_jobs(ray_env: dict, state: dict, s3_client, mlflow_port: int) ->
             10,
             20,
         ]
+
+
+def _submit_sweep_job(
+    ray_env: dict, state: dict, s3_client, mlflow_port: int, tmp_path: Path
+) -> None:
+    """A Tune sweep submitted as a job, as deploy/README.md shows: its trials are Train jobs on
+    the same cluster; the sweep, its report and its MLflow parent/children land in the stack's S3
+    and MLflow server."""
+    import mlflow
+
+    space = tmp_path / "pack.yaml"  # the job runs on this machine: an absolute path reaches it
+    space.write_text("grid:\n  discriminator.pack: [1, 2]\n")
+    job_env = json.loads(shlex.split(submit_line(state))[6])
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "ray"),
+            "job",
+            "submit",
+            "--working-dir",
+            str(REPO),
+            "--runtime-env-json",
+            json.dumps(job_env),
+            "--",
+            "python",
+            "-m",
+            "tuning.sweep",
+            "--space",
+            str(space),
+            "--config",
+            "ring8",
+            "--name",
+            "submitted-sweep",
+            "--scheduler",
+            "fifo",
+            "--max-concurrent",
+            "1",
+            "storage.uri=s3://raygan/runs",
+            "train.steps=20",
+            "eval.every=10",
+            "checkpoint.every=10",
+            "eval.samples=400",
+            "generators.width=32",
+            "generators.depth=2",
+            "discriminator.width=32",
+            "discriminator.maxout_pieces=1",
+            "train.batch_size=32",
+        ],
+        env=ray_env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=400,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "[raygan] sweep submitted-sweep done" in done.stdout
+    assert "2 completed, 0 stopped early, 0 failed" in done.stdout
+    keys = {
+        o["Key"]
+        for o in s3_client.list_objects_v2(Bucket="raygan", Prefix="runs/submitted-sweep/")[
+            "Contents"
+        ]
+    }
+    for name in ("report.md", "best.yaml", "trials.csv", "coverage_vs_cost.png", "sweep.json"):
+        assert f"runs/submitted-sweep/{name}" in keys, name
+    client = mlflow.MlflowClient(f"http://127.0.0.1:{mlflow_port}")
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string="tags.`raygan.sweep` = 'submitted-sweep'",
+    )
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 2
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert {c.data.params["discriminator.pack"] for c in children} == {"1", "2"}
+    assert all(c.info.status == "FINISHED" for c in children)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -181,6 +184,47 @@ def test_s3_ray_storage_args_carry_a_working_filesystem(s3_env: str, s3_bucket: 
     assert storage.read_bytes("r/b.txt") == b"B"
     infos = clone.get_file_info(pafs.FileSelector(f"{s3_bucket}/runs/r"))
     assert sorted(i.base_name for i in infos) == ["a.txt", "b.txt"]
+
+
+def test_many_files_copied_through_the_retrying_filesystem_do_not_deadlock(
+    s3_env: str, s3_bucket: str, tmp_path: Path
+) -> None:
+    """Tune syncs a sweep's folder with ``pyarrow.fs.copy_files``: each file is closed on one of
+    pyarrow's I/O threads, which calls our retrying upload, which writes to S3. With the SDK's
+    background writes that write waited for another I/O thread, and once every I/O thread was
+    inside a close the copy hung for ever (a sweep on S3 under ``ray job submit`` did). A child
+    process, so that a regression fails by timeout instead of hanging pytest."""
+    src = tmp_path / "many"
+    for i in range(64):  # several times pyarrow's default of 8 I/O threads, in trial folders
+        (src / f"trial_{i % 4}").mkdir(parents=True, exist_ok=True)
+        (src / f"trial_{i % 4}" / f"f{i:02d}.json").write_text(f'{{"i": {i}}}')
+    script = textwrap.dedent(
+        f"""
+        import pyarrow.fs as pafs
+        from gan_core.config import StorageConfig
+        from services.storage import open_storage, ray_storage_args
+        storage = open_storage(StorageConfig(uri="s3://{s3_bucket}/sync", endpoint="{s3_env}"))
+        fs = ray_storage_args(storage)["storage_filesystem"]
+        # As ray.train._internal.storage uploads a folder (threads on: fs is no S3FileSystem).
+        pafs.copy_files("{src}", "{s3_bucket}/sync/many", source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=fs, chunk_size=64 * 1024 * 1024)
+        print(len(storage.list("many")))
+        """
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("copy_files through the retrying S3 filesystem hung (I/O thread deadlock)")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "64"
+    storage = open_storage(StorageConfig(uri=f"s3://{s3_bucket}/sync", endpoint=s3_env))
+    assert storage.read_bytes("many/trial_3/f63.json") == b'{"i": 63}'
 
 
 def test_s3_missing_bucket_names_the_uri(s3_env: str) -> None:
