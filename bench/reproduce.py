@@ -69,8 +69,9 @@ class Plan:
 
 # --- the rows --------------------------------------------------------------------------------
 # The best configs came from the Tune sweep (tuning.sweep --space collapse, bench/out/
-# collapse_sweep_report.md: packing and several generators are what buys coverage on 2D data)
-# and from the hand search recorded in docs/RESULTS.md ("How the configs were chosen").
+# collapse_sweep_report.md: several generators are what buys coverage on 2D data) and from the
+# hand search recorded in docs/RESULTS.md ("How the best configs were chosen"), which added
+# packing (outside the sweep's space).
 
 # grid-25's recipe with one head per mode (8 generators sharing one body, D learning twice as
 # fast as G, an EMA generator whose BatchNorm statistics are recomputed, see

@@ -145,6 +145,11 @@ def protocol_text(quick: bool) -> str:
             "unroll table: unroll depth 0/1/5/10, D with 1/4 and 1/2 of G's base channels, "
             "stacked digits, " + ("1 seed" if quick else "2 seeds (0, 1), median"),
             "one process per run, one torch thread each; CPU s = process time of the training",
+            "Ray Tune is used where it helps, to search the knobs (`tuning.sweep`, whose report "
+            "chose the best configs below); these fixed runs are not a search, and as Tune "
+            "trials each run would pay a Ray Train start-up on the same 2 cores "
+            "(`bench.service_speed`: 24 s against 14 s of wall time for one 600-step job), so a "
+            "process pool trains them",
         ]
     )
 
