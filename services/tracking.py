@@ -144,6 +144,13 @@ HTTP_DEFAULTS = {
 }
 
 
+def bound_http_retries() -> None:
+    """Apply HTTP_DEFAULTS to this process unless the user set them: MLflow's own defaults
+    retry one request against a dead server for minutes."""
+    for name, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
 class Tracker:
     """One MLflow run for one GAN run; new, or resumed when ``run_id`` is given.
 
@@ -163,8 +170,7 @@ class Tracker:
     ) -> None:
         # A progress bar per upload would flood the worker logs Ray collects.
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        for name, value in HTTP_DEFAULTS.items():
-            os.environ.setdefault(name, value)
+        bound_http_retries()
         self.cfg = cfg
         self.tracking_uri = tracking_uri or cfg.tracking.uri or default_tracking_uri(storage_uri)
         self.retry_interval_s = retry_interval_s

@@ -23,6 +23,7 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 
 from services.storage import redact
+from services.tracking import bound_http_retries
 
 log = logging.getLogger("raygan.tuning")
 
@@ -45,6 +46,7 @@ def child_run_id(
 ) -> str | None:
     """The trial's nested run, created with its knobs as params on first use; None if MLflow
     cannot be reached (the trial then trains with an un-nested run of its own)."""
+    bound_http_retries()  # a trial's process: a dead server must cost seconds, not minutes
     client = mlflow.MlflowClient(tracking_uri)
     try:
         experiment_id = client.get_run(parent_run_id).info.experiment_id
@@ -77,6 +79,7 @@ def child_run_id(
 
 def children(tracking_uri: str, parent_run_id: str) -> list[mlflow.entities.Run]:
     """Every run nested under the sweep's parent run."""
+    bound_http_retries()
     client = mlflow.MlflowClient(tracking_uri)
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     return list(
@@ -93,9 +96,10 @@ def close_children(
 
     ``outcomes`` maps a trial name to ``{"status": COMPLETED|STOPPED|ERROR|INCOMPLETE,
     "score": float | None, "error": str}`` (see tuning.report). Finished trials get their final
-    score and a ``raygan.stopped_early`` tag, errored ones their reason as ``raygan.error``; a
-    run still RUNNING is ended FINISHED (completed or stopped by the scheduler), FAILED (error),
-    or KILLED (an interrupted sweep; a resume reopens it).
+    score and a ``raygan.stopped_early`` tag, errored ones their reason as ``raygan.error``.
+    A trial Tune finished ends FINISHED (completed or stopped by the scheduler) or FAILED
+    (error), whatever its worker set; a run still RUNNING of an unfinished trial ends KILLED (an
+    interrupted sweep; a resume reopens it).
     """
     client = mlflow.MlflowClient(tracking_uri)
     statuses = {}
@@ -122,7 +126,12 @@ def close_children(
                     )
                 )
             client.log_batch(run.info.run_id, metrics=metrics, tags=tags, synchronous=True)
-        if run.info.status == "RUNNING":
+        # Tune's view decides a finished trial's status: a scheduler's stop kills the worker
+        # wherever it is, and a worker interrupted inside Python ends its own run FAILED.
+        decided = outcome["status"] in MLFLOW_STATUS
+        if run.info.status == "RUNNING" or (decided and run.info.status != status):
             client.set_terminated(run.info.run_id, status=status)
-        statuses[trial] = status if run.info.status == "RUNNING" else run.info.status
+            statuses[trial] = status
+        else:
+            statuses[trial] = run.info.status
     return statuses
