@@ -230,47 +230,52 @@ def test_up_status_down(tmp_path: Path) -> None:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+# A ring-8 job small enough for the stack's 2 CPUs, on the stack's S3.
+TINY_JOB = [
+    "storage.uri=s3://raygan/runs",
+    "train.steps=20",
+    "eval.every=10",
+    "checkpoint.every=10",
+    "eval.samples=400",
+    "generators.width=32",
+    "generators.depth=2",
+    "discriminator.width=32",
+    "discriminator.maxout_pieces=1",
+    "train.batch_size=32",
+]
+
+
+def _submit_args(state: dict, module: str, *args: str) -> list[str]:
+    """`ray job submit` of `python -m MODULE ARGS` with the stack's printed runtime env."""
+    job_env = json.loads(shlex.split(submit_line(state))[6])
+    return [
+        str(Path(sys.executable).parent / "ray"),
+        "job",
+        "submit",
+        "--working-dir",
+        str(REPO),
+        "--runtime-env-json",
+        json.dumps(job_env),
+        "--",
+        "python",
+        "-m",
+        module,
+        *args,
+    ]
+
+
 def _submit_gan_jobs(ray_env: dict, state: dict, s3_client, mlflow_port: int) -> None:
     """The README's round trip, twice at once (load: two jobs on one cluster): `ray job submit`
     GAN jobs whose storage is the stack's S3 and whose tracking is the stack's MLflow server;
     then read both back."""
     import mlflow
 
-    job_env = json.loads(shlex.split(submit_line(state))[6])
-    common = [
-        "storage.uri=s3://raygan/runs",
-        "train.steps=20",
-        "eval.every=10",
-        "checkpoint.every=10",
-        "eval.samples=400",
-        "generators.width=32",
-        "generators.depth=2",
-        "discriminator.width=32",
-        "discriminator.maxout_pieces=1",
-        "train.batch_size=32",
-        # One worker each: both jobs fit the stack's 2 CPUs at the same time.
-        "resources.num_workers=1",
-    ]
+    # One worker each: both jobs fit the stack's 2 CPUs at the same time.
+    common = [*TINY_JOB, "resources.num_workers=1"]
     names = ["submitted", "submitted-2"]
     jobs = [
         subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "ray"),
-                "job",
-                "submit",
-                "--working-dir",
-                str(REPO),
-                "--runtime-env-json",
-                json.dumps(job_env),
-                "--",
-                "python",
-                "-m",
-                "services.train",
-                "--config",
-                "ring8",
-                f"name={name}",
-                *common,
-            ],
+            _submit_args(state, "services.train", "--config", "ring8", f"name={name}", *common),
             env=ray_env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -312,19 +317,9 @@ def _submit_sweep_job(
 
     space = tmp_path / "pack.yaml"  # the job runs on this machine: an absolute path reaches it
     space.write_text("grid:\n  discriminator.pack: [1, 2]\n")
-    job_env = json.loads(shlex.split(submit_line(state))[6])
     done = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "ray"),
-            "job",
-            "submit",
-            "--working-dir",
-            str(REPO),
-            "--runtime-env-json",
-            json.dumps(job_env),
-            "--",
-            "python",
-            "-m",
+        _submit_args(
+            state,
             "tuning.sweep",
             "--space",
             str(space),
@@ -336,17 +331,8 @@ def _submit_sweep_job(
             "fifo",
             "--max-concurrent",
             "1",
-            "storage.uri=s3://raygan/runs",
-            "train.steps=20",
-            "eval.every=10",
-            "checkpoint.every=10",
-            "eval.samples=400",
-            "generators.width=32",
-            "generators.depth=2",
-            "discriminator.width=32",
-            "discriminator.maxout_pieces=1",
-            "train.batch_size=32",
-        ],
+            *TINY_JOB,
+        ),
         env=ray_env,
         capture_output=True,
         text=True,
