@@ -143,7 +143,7 @@ def protocol_text(quick: bool) -> str:
             "stacked digits: three 8x8 digits as channels (1,000 modes), modes and KL(generated "
             f"|| uniform) over 26,000 samples, labelled by the shipped digit classifier; {seeds}",
             "unroll table: unroll depth 0/1/5/10, D with 1/4 and 1/2 of G's base channels, "
-            "stacked digits, " + ("1 seed" if quick else "2 seeds (0, 1), median"),
+            "stacked digits, 1 seed (0)",
             "one process per run, one torch thread each; CPU s = process time of the training",
             "Ray Tune is used where it helps, to search the knobs (`tuning.sweep`, whose report "
             "chose the best configs below); these fixed runs are not a search, and as Tune "
