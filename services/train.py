@@ -139,7 +139,12 @@ def run_with_ray(cfg: GanConfig, args: argparse.Namespace) -> dict[str, Any]:
     metric, order = checkpoint_metric(cfg)
     trainer = _InterruptibleTrainer(
         train_loop_per_worker,
-        train_loop_config={"gan": to_dict(cfg), "quiet": args.quiet, "scan_storage": True},
+        train_loop_config={
+            "gan": to_dict(cfg),
+            "quiet": args.quiet,
+            "verbose": args.verbose,
+            "scan_storage": True,
+        },
         # NCCL between GPUs, gloo on CPU (gloo is also what DDP's CPU tests compare against).
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
         scaling_config=ScalingConfig(

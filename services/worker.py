@@ -246,6 +246,18 @@ def _wrap_for_ddp(session: WorkerSession) -> None:
     model.wrap(lambda m: ray.train.torch.prepare_model(m, move_to_device=True))
 
 
+def _quiet_ray_reports() -> None:
+    """Ray Train V2 logs every ``ray.train.report`` call at INFO, the whole metrics dict, from
+    every rank, on a logger named after its source file (outside ``ray.train``, so
+    ``LoggingConfig(log_level=...)`` does not reach it): one long line per rank per evaluation
+    drowns raygan's own progress line. Raised to WARNING unless the run is verbose."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point Ray Train runs on every worker; ``config`` = {"gan": GanConfig as a dict}.
 
@@ -258,6 +270,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     from ray.train import Checkpoint
 
+    if not config.get("verbose"):
+        _quiet_ray_reports()
     cfg = from_dict(config["gan"], source="worker")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

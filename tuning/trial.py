@@ -140,7 +140,11 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
     trial = tune.get_context().get_trial_name()
     cfg = settings.trial_config(config, trial)
     start = tune.get_checkpoint()
-    train_config: dict[str, Any] = {"gan": to_dict(cfg), "quiet": settings.quiet}
+    train_config: dict[str, Any] = {
+        "gan": to_dict(cfg),
+        "quiet": settings.quiet,
+        "verbose": settings.verbose,
+    }
     if start is not None:
         train_config["resume_from"] = Checkpoint(start.path, start.filesystem)
     if settings.parent_run_id and cfg.tracking.enabled:
