@@ -20,7 +20,9 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
-DATASETS = ("ring8", "grid25", "digits", "stacked_digits", "parquet")
+DATASETS = ("ring8", "grid25", "digits", "stacked_digits", "parquet", "image_folder")
+# Data sets read from files (gan_core.files): streamed, not generated.
+FILE_DATA = ("parquet", "image_folder")
 OBJECTIVES = ("minimax", "nonsaturating", "wgan-gp", "dragan", "ebgan", "madgan", "mrgan")
 ARCHS = ("mlp", "dcgan")
 # The evaluation metrics each dataset reports (gan_core.metrics): checkpoint.metric may name one
@@ -30,15 +32,18 @@ EVAL_METRICS: dict[str, tuple[str, ...]] = {
     "grid25": ("modes", "hq_pct", "reverse_kl"),
     "digits": ("modes", "kl", "fd"),
     "stacked_digits": ("modes", "kl", "fd"),
-    "parquet": (),  # unlabelled data: no mode metrics
+    # File data: the Frechet distance always (raw coordinates for points, a label classifier's
+    # features for labelled images); classes covered and their KL only with a label column.
+    "parquet": ("modes", "kl", "fd"),
+    "image_folder": ("modes", "kl", "fd"),
 }
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "elu")
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 NONFINITE_POLICIES = ("rollback", "stop", "continue")
 PRECISIONS = ("fp32", "bf16", "fp16")
-# Image sides the DCGAN nets support (gan_core.nets.DCGAN_SIDES; a test keeps the two equal).
-DCGAN_SIDES = (8, 16, 32)
+# Image sides the DCGAN nets support (gan_core.nets builds them from this).
+DCGAN_SIDES = (8, 16, 32, 64)
 # torch.set_num_threads accepts more, but each thread is a real OS thread; this is already far
 # beyond any machine, and a typo such as threads=100000 crashes the process.
 MAX_THREADS = 1024
@@ -61,11 +66,20 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     name: str = "ring8"
-    # Parquet only: a file or folder, local path or s3:// URI; see gan_core.data.ParquetDataset.
+    # File data only: a Parquet file or folder, or a folder of images; a local path or an s3://
+    # URI. See gan_core.files for the layouts read.
     path: str = ""
-    # Parquet only: image side for an "image" column of flattened pixels (0 = points data).
+    # File data only: the side images are trained at (encoded images are resized to it; lists of
+    # pixels must already have it). 0 = the Parquet file holds points.
     image_size: int = 0
     channels: int = 1
+    # Encoded images only: pixels of background (black) added on every side before resizing,
+    # e.g. 2 turns 28x28 Fashion-MNIST into 32x32 without scaling it.
+    pad: int = 0
+    # File data: a data set whose decoded size is at most this many MiB is decoded once and kept
+    # in memory (the local reader's process; under Ray, Ray's object store, shared by workers);
+    # a larger one is streamed and decoded again every pass. 0 always streams.
+    cache_mb: int = 1024
 
 
 @dataclass
@@ -504,13 +518,18 @@ def checkpoint_metric(cfg: GanConfig) -> tuple[str, str]:
     c = cfg.checkpoint
     if c.metric:
         return c.metric, c.mode
-    return ("modes", "max") if EVAL_METRICS.get(cfg.data.name) else ("step", "max")
+    # File data reports modes only with a label column, unknown until the data is read.
+    labelled = cfg.data.name not in FILE_DATA and EVAL_METRICS.get(cfg.data.name)
+    return ("modes", "max") if labelled else ("step", "max")
 
 
 def validate(cfg: GanConfig, source: str = "<config>") -> None:
     """Range and combination checks that types alone cannot express."""
     g, d, o, t = cfg.generators, cfg.discriminator, cfg.objective, cfg.train
     _one_of("data.name", cfg.data.name, DATASETS, source)
+    # data.image_size only means something for file data: ring8 with image_size=16 is points.
+    file_images = cfg.data.name in FILE_DATA and cfg.data.image_size > 0
+    image_data = cfg.data.name in ("digits", "stacked_digits") or file_images
     _check(
         cfg.data.name != "parquet" or bool(cfg.data.path),
         "data.path",
@@ -518,8 +537,31 @@ def validate(cfg: GanConfig, source: str = "<config>") -> None:
         "a Parquet file or folder when data.name=parquet",
         source,
     )
+    _check(
+        cfg.data.name != "image_folder" or bool(cfg.data.path),
+        "data.path",
+        cfg.data.path,
+        "a folder of .png/.jpg files (local or s3://) when data.name=image_folder",
+        source,
+    )
     _check(cfg.data.image_size >= 0, "data.image_size", cfg.data.image_size, ">= 0", source)
+    _check(
+        cfg.data.name != "image_folder" or cfg.data.image_size > 0,
+        "data.image_size",
+        cfg.data.image_size,
+        "> 0 with data.name=image_folder (the side images are resized to)",
+        source,
+    )
     _check(cfg.data.channels >= 1, "data.channels", cfg.data.channels, ">= 1", source)
+    _check(
+        cfg.data.name != "image_folder" or cfg.data.channels in (1, 3),
+        "data.channels",
+        cfg.data.channels,
+        "1 (grayscale) or 3 (RGB) with data.name=image_folder (what images decode to)",
+        source,
+    )
+    _check(cfg.data.pad >= 0, "data.pad", cfg.data.pad, ">= 0", source)
+    _check(cfg.data.cache_mb >= 0, "data.cache_mb", cfg.data.cache_mb, ">= 0 (0 = stream)", source)
     _one_of("objective.name", o.name, OBJECTIVES, source)
     for prefix, arch in (("generators", g.arch), ("discriminator", d.arch)):
         _one_of(f"{prefix}.arch", arch, ARCHS, source)
@@ -542,7 +584,7 @@ def validate(cfg: GanConfig, source: str = "<config>") -> None:
     _check(d.fourier_scale > 0, "discriminator.fourier_scale", d.fourier_scale, "> 0", source)
     if d.fourier_features > 0:
         _check(
-            d.arch == "mlp" and cfg.data.name in POINT_DATA + ("parquet",),
+            d.arch == "mlp" and cfg.data.name in POINT_DATA + ("parquet",) and not image_data,
             "discriminator.fourier_features",
             d.fourier_features,
             "0 unless discriminator.arch=mlp on point data (features of 2D coordinates)",
@@ -695,9 +737,6 @@ def validate(cfg: GanConfig, source: str = "<config>") -> None:
         "0 when a batch holds fewer than 2 discriminator inputs",
         source,
     )
-    # data.image_size only means something for Parquet data: ring8 with image_size=16 is points.
-    parquet_images = cfg.data.name == "parquet" and cfg.data.image_size > 0
-    image_data = cfg.data.name in ("digits", "stacked_digits") or parquet_images
     for prefix, arch in (("generators.arch", g.arch), ("discriminator.arch", d.arch)):
         _check(
             arch == "mlp" or image_data,
@@ -706,7 +745,7 @@ def validate(cfg: GanConfig, source: str = "<config>") -> None:
             "mlp for point data (dcgan needs image data)",
             source,
         )
-    if parquet_images and "dcgan" in (g.arch, d.arch):
+    if file_images and "dcgan" in (g.arch, d.arch):
         _check(
             cfg.data.image_size in DCGAN_SIDES,
             "data.image_size",

@@ -81,3 +81,61 @@ def save_scatter(
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png")
     return path
+
+
+# Coordinates drawn for points of more than two dimensions: their pairwise projections (6 panels
+# for 4 coordinates); more panels would be too small to read.
+MAX_PROJECTED = 4
+
+
+def save_points(
+    samples: Tensor | np.ndarray, real: Tensor | np.ndarray, path: str | Path, title: str = ""
+) -> Path:
+    """Generated points over real ones, for data without known mode centers; returns the path.
+
+    1 coordinate: the two histograms; 2: a scatter of samples (drawn last, on top) over the
+    real points; more: the scatter of every pair of the first ``MAX_PROJECTED`` coordinates.
+    Axes span the real data (1st to 99th percentile, plus a margin), so pictures of successive
+    steps are comparable and a few diverged samples cannot shrink the real data to a dot.
+    """
+    fake, data = (
+        (v.detach().cpu().numpy() if isinstance(v, Tensor) else np.asarray(v)).astype(np.float64)
+        for v in (samples, real)
+    )
+    fake, data = fake.reshape(len(fake), -1), data.reshape(len(data), -1)
+    if fake.shape[1] != data.shape[1]:
+        raise ValueError(f"samples have {fake.shape[1]} coordinates, real data {data.shape[1]}")
+    dims = min(data.shape[1], MAX_PROJECTED)
+    low, high = np.percentile(data[:, :dims], [1, 99], axis=0)
+    margin = np.maximum(0.25 * (high - low), 1e-3)
+    low, high = low - margin, high + margin
+    pairs = [(i, j) for i in range(dims) for j in range(i + 1, dims)] or [(0, None)]
+    cols = min(len(pairs), 3)
+    rows = math.ceil(len(pairs) / cols)
+    figure = Figure(figsize=(4.5 * cols, 4.5 * rows), dpi=100)
+    FigureCanvasAgg(figure)
+    for k, (i, j) in enumerate(pairs):
+        ax = figure.add_subplot(rows, cols, k + 1)
+        if j is None:
+            bins = np.linspace(low[0], high[0], 61)
+            ax.hist(data[:, 0], bins=bins, alpha=0.5, color="grey", label="real", density=True)
+            ax.hist(fake[:, 0], bins=bins, alpha=0.6, label="samples", density=True)
+            ax.set_xlabel("x0")
+        else:
+            ax.scatter(data[:, i], data[:, j], s=2, c="grey", alpha=0.4, linewidths=0, label="real")
+            ax.scatter(
+                fake[:, i], fake[:, j], s=2, alpha=0.5, linewidths=0, zorder=2, label="samples"
+            )
+            ax.set_xlim(low[i], high[i])
+            ax.set_ylim(low[j], high[j])
+            ax.set_xlabel(f"x{i}")
+            ax.set_ylabel(f"x{j}")
+        if k == 0:
+            ax.legend(loc="upper right", fontsize="small", markerscale=4)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png")
+    return path

@@ -15,7 +15,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +25,8 @@ from torch import Tensor
 
 from gan_core.config import ConfigError, GanConfig, load_config, preset_names
 from gan_core.data import Dataset, MixtureDataset, build_dataset
+from gan_core.file_eval import FileEvaluator
+from gan_core.files import FileData, FileStream
 from gan_core.metrics import evaluate_samples
 from gan_core.steps import GanModel, build_model, sample_noise, train_step, unwrap
 
@@ -67,11 +69,18 @@ class LoopHooks:
 
 @dataclass
 class GanRun:
+    """``batches``: real batches from outside (Ray Data's shard of a file data set under Ray
+    Train); without them, file data is read by a ``FileStream`` and generated data sampled."""
+
     cfg: GanConfig
     rank: int = 0
     world_size: int = 1
     device: str = "cpu"
-    dataset: Dataset = field(init=False)
+    batches: Iterator[Tensor] | None = None
+    # File data described already (the service's preflight, shipped to its workers); else the
+    # run opens cfg.data itself, decoding the first rows to check them.
+    data: FileData | None = None
+    dataset: Dataset | FileData = field(init=False)
     model: GanModel = field(init=False)
 
     def __post_init__(self) -> None:
@@ -80,9 +89,14 @@ class GanRun:
         # Same seed on every rank: identical initial weights (DDP would broadcast them anyway);
         # the data and noise streams below differ per rank, which is what shards the data.
         torch.manual_seed(self.cfg.seed)
-        self.dataset = build_dataset(self.cfg.data)
+        self.dataset = self.data if self.data is not None else build_dataset(self.cfg.data)
         self.model = build_model(self.cfg, self.dataset.shape, self.device)
         self.data_rng = self.noise_rng = torch.Generator()
+        self.stream: FileStream | None = None
+        if isinstance(self.dataset, FileData) and self.batches is None:
+            self.stream = FileStream(self.dataset, self.cfg.seed, self.rank, self.world_size)
+        self._reference: tuple[Tensor, Tensor | None] | None = None
+        self._evaluator: FileEvaluator | None = None
         grid_n = max(self.cfg.eval.grid // self.cfg.generators.count, 1)
         self.grid_noise = self._noise(
             grid_n * self.cfg.generators.count, _stream(self.cfg.seed, _GRID)
@@ -97,7 +111,12 @@ class GanRun:
         return sample_noise(self.model, n, rng, "cpu").to(self.device)
 
     def next_real(self) -> Tensor:
-        batch = self.dataset.sample(self.cfg.train.batch_size, self.data_rng)
+        if self.batches is not None:
+            batch = next(self.batches)
+        elif self.stream is not None:
+            batch = self.stream.next_batch(self.cfg.train.batch_size)
+        else:
+            batch = self.dataset.sample(self.cfg.train.batch_size, self.data_rng)
         if self.device.startswith("cuda"):
             # Page-locked host memory lets the copy run asynchronously with the step.
             return batch.pin_memory().to(self.device, non_blocking=True)
@@ -123,22 +142,40 @@ class GanRun:
             left -= take
         return torch.cat(chunks)[:n]
 
+    def real_reference(self) -> tuple[Tensor, Tensor | None]:
+        """Real samples the generated ones are compared with (metrics, pictures), and their
+        labels if any: the same at every evaluation and on every rank; read once."""
+        if self._reference is None:
+            n = min(self.cfg.eval.samples, 5000)
+            if isinstance(self.dataset, FileData):
+                self._reference = self.dataset.reference(n, seed=self.cfg.seed)
+            else:
+                self._reference = (self.dataset.sample(n, _stream(self.cfg.seed, 9)), None)
+        return self._reference
+
     def evaluate(self) -> dict[str, float]:
-        """Mode-coverage metrics of the (EMA) generator on ``eval.samples`` samples."""
+        """Mode-coverage metrics of the (EMA) generator on ``eval.samples`` samples; for file
+        data those of ``gan_core.file_eval`` against the real reference."""
         started = time.perf_counter()
         samples = self.generate(self.cfg.eval.samples)
-        real = None
-        if self.dataset.kind == "images":
-            real = self.dataset.sample(min(self.cfg.eval.samples, 5000), _stream(self.cfg.seed, 9))
-        name = self.cfg.data.name
-        metrics = evaluate_samples(name, samples, real) if name != "parquet" else {}
+        if isinstance(self.dataset, FileData):
+            metrics = self._file_metrics(samples)
+        else:
+            real = self.real_reference()[0] if self.dataset.kind == "images" else None
+            metrics = evaluate_samples(self.cfg.data.name, samples, real)
         metrics["eval_seconds"] = time.perf_counter() - started
         return metrics
 
+    def _file_metrics(self, samples: Tensor) -> dict[str, float]:
+        if self._evaluator is None:
+            self._evaluator = FileEvaluator(self.dataset, self.real_reference()[0])
+        return self._evaluator(samples)
+
     def save_images(self, folder: str | Path, tag: str) -> list[Path]:
-        """The fixed-noise grid (images) or scatter over the mode centers (2D points)."""
+        """The fixed-noise grid (images); for points, samples over the mode centers (2D
+        mixtures) or over real data (file data: a scatter in 2D, pairwise projections above)."""
         # Imported here: matplotlib is slow to import and only needed when drawing.
-        from gan_core.images import save_grid, save_scatter
+        from gan_core.images import save_grid, save_points, save_scatter
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -146,22 +183,27 @@ class GanRun:
         if self.dataset.kind == "images":
             return [save_grid(samples, folder / f"{tag}.png")]
         points = self.generate(self.cfg.eval.samples)
-        centers = self.dataset.centers if isinstance(self.dataset, MixtureDataset) else None
-        return [
-            save_scatter(points, centers, folder / f"{tag}.png", title=f"{self.cfg.name} {tag}")
-        ]
+        title = f"{self.cfg.name} {tag}"
+        if isinstance(self.dataset, MixtureDataset):
+            return [save_scatter(points, self.dataset.centers, folder / f"{tag}.png", title)]
+        real = self.real_reference()[0]
+        return [save_points(points, real, folder / f"{tag}.png", title=title)]
 
     def state_dict(self) -> dict:
         """Full state: model, optimizers, EMA, step, torch's RNG and the metric history.
 
         The data and noise streams need no state: they are derived from (seed, rank, step)."""
-        return {
+        state = {
             "model": self.model.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "history": list(self.history),
             "lr_scale": self.model.lr_scale,
             "rollbacks": self.rollbacks,
         }
+        if self.stream is not None:
+            # Rows of the file stream consumed: a resume continues where this run stopped.
+            state["data_position"] = self.stream.position
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -170,6 +212,14 @@ class GanRun:
         # Absent in checkpoints written before rollbacks existed: full rate, none used.
         self.model.lr_scale = float(state.get("lr_scale", 1.0))
         self.rollbacks = int(state.get("rollbacks", 0))
+        if self.stream is not None:
+            self.stream = FileStream(
+                self.dataset,
+                self.cfg.seed,
+                self.rank,
+                self.world_size,
+                position=int(state.get("data_position", 0)),
+            )
         self._good = None
 
     # -- non-finite detection and rollback ------------------------------------------------------
@@ -286,6 +336,8 @@ def format_eval(step: int, total: int, metrics: dict[str, float]) -> str:
         ]
     elif "kl" in metrics:
         parts += [f"modes {metrics['modes']:.0f}", f"KL {metrics['kl']:.3f}"]
+    if "fd" in metrics and "hq_pct" not in metrics:
+        parts.append(f"FD {metrics['fd']:.4g}")
     return " | ".join(parts)
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from gan_core import data
-from gan_core.classifier import DigitClassifier, get_classifier, single_thread
+from gan_core.classifier import DigitClassifier, LabelClassifier, get_classifier, single_thread
 
 # Data names evaluate_samples understands, with the per-sample shape each expects.
 SAMPLE_SHAPES: dict[str, tuple[int, ...]] = {
@@ -201,3 +201,67 @@ def _numpy(values: Tensor | np.ndarray) -> np.ndarray:
     if isinstance(values, Tensor):
         values = values.detach().cpu().numpy()
     return np.asarray(values, dtype=np.float64)
+
+
+def label_metrics(
+    samples: Tensor | np.ndarray,
+    real: Tensor | np.ndarray | None,
+    classifier: LabelClassifier,
+    class_prior: Tensor | np.ndarray,
+) -> dict[str, float]:
+    """Classes covered by ``samples``, KL to the real class distribution, and "fd" to ``real``.
+
+    For a labelled image data set: ``classifier`` (from get_label_classifier) labels each
+    ``(n, C, S, S)`` sample; "modes" counts the distinct predicted classes and "kl" is
+    KL(predicted class distribution || ``class_prior``), the real class frequencies (length
+    ``classifier.num_classes``, summing to 1). "fd" is the Frechet distance between the
+    classifier's penultimate features of ``real`` and of ``samples``, present only with ``real``.
+    Raises ValueError for images of another shape than the classifier's or a prior of another
+    length than its classes.
+    """
+    prior = _numpy(class_prior).reshape(-1)
+    if len(prior) != classifier.num_classes:
+        raise ValueError(
+            f"class_prior has {len(prior)} entries; the classifier has "
+            f"{classifier.num_classes} classes"
+        )
+    for what, images in (("samples", samples), ("real", real)):
+        if images is not None and (
+            tuple(images.shape[1:]) != classifier.image_shape or len(images) == 0
+        ):
+            raise ValueError(
+                f"{what} have shape {tuple(images.shape)}; expected (n >= 1, "
+                f"{', '.join(map(str, classifier.image_shape))})"
+            )
+    # The samples' features serve both the class labels and the distance: embed once.
+    fake_feats = _image_features(samples, classifier)
+    with torch.inference_mode():
+        predicted = classifier.head(fake_feats).argmax(dim=1)
+    counts = np.bincount(predicted.numpy(), minlength=classifier.num_classes)
+    metrics = {"modes": float((counts > 0).sum()), "kl": _kl_to_prior(counts, prior)}
+    if real is not None:
+        metrics["fd"] = _feature_distance(_image_features(real, classifier), fake_feats)
+    return metrics
+
+
+def _kl_to_prior(counts: np.ndarray, prior: np.ndarray) -> float:
+    """sum_m p(m) log(p(m) / q(m)) for the empirical ``counts`` against ``prior`` q.
+
+    p(m) = 0 adds 0. A class the samples fall in that the prior gives 0 makes the KL infinite:
+    returned as inf outright rather than through a division by zero.
+    """
+    total = counts.sum()
+    if total == 0:
+        return float("nan")
+    seen = counts > 0
+    if np.any(prior[seen] <= 0):
+        return float("inf")
+    p = counts[seen] / total
+    return float(np.sum(p * np.log(p / prior[seen])))
+
+
+def _image_features(images: Tensor | np.ndarray, model: LabelClassifier) -> Tensor:
+    """Penultimate features ``(n, k)`` of whole ``(n, C, S, S)`` images, in chunks of _BATCH."""
+    images = _as_tensor(images)
+    with torch.inference_mode(), single_thread():
+        return torch.cat([model.features(chunk) for chunk in images.split(_BATCH)])

@@ -2,7 +2,7 @@
 
 The classes only build layers and run ``forward``; the ``build_*`` functions map a config onto
 their constructor arguments. Two families: MLPs (2D point data, PacGAN / Unrolled-GAN sized nets)
-and DCGAN-style conv nets for square images of side 8, 16 or 32. The anti-collapse parts live
+and DCGAN-style conv nets for square images of side 8, 16, 32 or 64. The anti-collapse parts live
 here too: maxout units, minibatch discrimination (Salimans et al. 2016), packed discriminator
 inputs (PacGAN), a bank of generators (MAD-GAN), EBGAN's autoencoder D and MRGAN's encoder.
 """
@@ -14,9 +14,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from gan_core.config import ACTIVATIONS, GanConfig
+from gan_core.config import ACTIVATIONS, DCGAN_SIDES, GanConfig
 
-DCGAN_SIDES = (8, 16, 32)
 _CONVS = (nn.Conv2d, nn.ConvTranspose2d)
 
 

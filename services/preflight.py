@@ -1,28 +1,59 @@
 """Checks of a run's input data on the driver, before any Ray worker starts.
 
-A config can be valid and still name data the workers cannot train on: a Parquet path that is
-misspelt, an empty file, another table's schema, a NaN in one row. Each worker would find out
-only after Ray had started the cluster, scheduled the workers and built the model, and would fail
-with a traceback in its log. ``preflight`` reads the data once on the driver with the very loader
-the workers use (``gan_core.data.ParquetDataset``), so whatever they would refuse is refused
-here first, as a ``DataError`` naming the path, the problem and the expected schema.
+A config can be valid and still name data the workers cannot train on: a path that is misspelt,
+a bucket that does not exist, an empty file or folder, another table's schema, a NaN, an image
+that does not decode. Each worker would find out only after Ray had started the cluster,
+scheduled the workers and built the model, and would fail with a traceback in its log.
+``preflight`` opens the data with the reader the workers use (``gan_core.files``): it reads the
+metadata and decodes the first rows (all rows of a small data set), so whatever they would refuse
+is refused here first, as a ``DataError`` naming the path, the problem and the expected layout.
 """
 
 from __future__ import annotations
 
-from gan_core.config import GanConfig
-from gan_core.data import DataError, ParquetDataset
+from gan_core.config import FILE_DATA, ConfigError, GanConfig
+from gan_core.file_eval import can_classify, label_classifier
+from gan_core.files import DataError, FileData, open_file_data
+from services.storage import s3_filesystem
 
-__all__ = ["DataError", "preflight"]
+__all__ = ["DataError", "open_data", "preflight"]
 
 
-def preflight(cfg: GanConfig) -> None:
-    """Raise ``DataError`` when ``cfg``'s data cannot be trained on; return quietly otherwise.
+def open_data(cfg: GanConfig, check: bool = True) -> FileData | None:
+    """The description of ``cfg``'s file data (None for generated data). ``s3://`` data is read
+    with the storage's endpoint and credentials (``storage.endpoint`` or AWS_ENDPOINT_URL)."""
+    if cfg.data.name not in FILE_DATA:
+        return None
+    filesystem = s3_filesystem(cfg.storage) if cfg.data.path.startswith("s3://") else None
+    return open_file_data(cfg.data, check=check, filesystem=filesystem)
 
-    Built-in datasets (ring8, grid25, digits, stacked_digits) are generated or bundled with
-    scikit-learn: nothing to check. Parquet data is read whole: it costs one extra read on the
-    driver, the price of checking every row for NaN/Inf and every image list for its length.
-    """
-    if cfg.data.name != "parquet":
-        return
-    ParquetDataset(cfg.data.path, cfg.data.image_size, cfg.data.channels)
+
+def preflight(cfg: GanConfig) -> FileData | None:
+    """Raise ``DataError`` (or ``ConfigError`` for a checkpoint metric the data cannot report)
+    when ``cfg``'s data cannot be trained on; return the file data's description, or None for
+    the generated data sets (ring8, grid25, digits, stacked_digits: nothing to check)."""
+    data = open_data(cfg)
+    if data is None:
+        return None
+    reported = ["fd"] if data.kind == "points" else []
+    if can_classify(data):
+        reported = ["modes", "kl", "fd"]
+    metric = cfg.checkpoint.metric
+    if metric in ("modes", "kl", "fd") and metric not in reported:
+        why = (
+            "it holds points"
+            if data.kind == "points"
+            else "no labels, or a shape without a classifier"
+        )
+        raise ConfigError(
+            "checkpoint.metric",
+            metric,
+            f"a metric {cfg.data.path} reports ({', '.join(reported) or 'none'}: {why}), a "
+            "training metric (d_loss, g_loss, step), or empty for the latest",
+            "preflight",
+        )
+    if can_classify(data):
+        # Trained (or loaded) here, once: the workers then load it from the cache instead of
+        # each training the same classifier at their first evaluation.
+        label_classifier(data)
+    return data

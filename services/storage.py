@@ -210,9 +210,8 @@ def _endpoint(cfg: StorageConfig) -> tuple[str, str] | None:
     return parts.netloc, parts.scheme
 
 
-def _open_s3(cfg: StorageConfig, uri: str) -> Storage:
-    bucket, prefix = _parse_s3(uri)
-    uri = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+def _s3_options(cfg: StorageConfig) -> dict:
+    """pyarrow S3FileSystem options: region, timeouts, the endpoint and explicit credentials."""
     endpoint = _endpoint(cfg)
     options: dict = {
         "region": cfg.region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
@@ -230,6 +229,23 @@ def _open_s3(cfg: StorageConfig, uri: str) -> Storage:
             secret_key=secret,
             session_token=os.environ.get("AWS_SESSION_TOKEN") or None,
         )
+    return options
+
+
+def s3_filesystem(cfg: StorageConfig) -> pafs.S3FileSystem:
+    """An S3 filesystem on the storage's endpoint and credentials, retrying each request: what
+    a run reads its ``s3://`` training data with (one endpoint per job, the storage's)."""
+    return pafs.S3FileSystem(
+        **_s3_options(cfg),
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_SDK_ATTEMPTS),
+    )
+
+
+def _open_s3(cfg: StorageConfig, uri: str) -> Storage:
+    bucket, prefix = _parse_s3(uri)
+    uri = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+    endpoint = _endpoint(cfg)
+    options = _s3_options(cfg)
     where = f"{uri} (endpoint {endpoint[1]}://{endpoint[0]})" if endpoint else uri
     try:
         # The open-time probe tries once: a wrong endpoint must fail in seconds, before any

@@ -15,32 +15,34 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
-import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from gan_core.config import (
     ConfigError,
     GanConfig,
-    checkpoint_metric,
     load_config,
     preset_names,
-    to_dict,
 )
+from gan_core.files import FileData
 from gan_core.loop import LoopHooks, NonFiniteError
 from services.checkpoints import CheckpointError
-from services.storage import StorageError, open_storage, ray_storage_args, redact
+from services.launch import init_ray, make_trainer
+from services.storage import StorageError, open_storage, redact
 from services.worker import (
     DIVERGED_FILE,
     TRACKING_FILE,
     WorkerSession,
     nan_injector,
-    train_loop_per_worker,
+)
+from services.worker import (
+    checkpoint_uri as stored_uri,
 )
 
 log = logging.getLogger("raygan")
@@ -63,38 +65,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     verbosity.add_argument("--verbose", action="store_true", help="keep Ray's own logs")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     return parser.parse_args(argv)
-
-
-def _init_ray(address: str | None, verbose: bool) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    level = logging.INFO if verbose else logging.WARNING
-    if address:
-        ray.init(address=address, logging_level=level, log_to_driver=True)
-    else:
-        # A private local cluster on loopback; the dashboard stays on (Tune needs it, PLATFORM.md).
-        # address="local": always a new cluster, never a stale `ray start` one found on disk.
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            dashboard_port = probe.getsockname()[1]
-        ray.init(
-            address="local",
-            _node_ip_address="127.0.0.1",
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            dashboard_port=dashboard_port,
-            logging_level=level,
-            configure_logging=True,
-            log_to_driver=True,
-            # Ray Train's placement-group cleaner asks the state API for its cluster; with
-            # another Ray on the machine it cannot tell which one without this.
-            runtime_env={
-                "env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}
-            },
-        )
 
 
 def _interruptible_trainer_class() -> type:
@@ -122,52 +92,13 @@ def _interruptible_trainer_class() -> type:
 
 
 def run_with_ray(cfg: GanConfig, args: argparse.Namespace) -> dict[str, Any]:
-    from ray.train import (
-        CheckpointConfig,
-        FailureConfig,
-        LoggingConfig,
-        RunConfig,
-        ScalingConfig,
-    )
-    from ray.train.torch import TorchConfig
-
-    _InterruptibleTrainer = _interruptible_trainer_class()  # noqa: N806 (a class)
-
     storage = open_storage(cfg.storage)
-    _init_ray(args.address, args.verbose)
-    r, c = cfg.resources, cfg.checkpoint
-    metric, order = checkpoint_metric(cfg)
-    trainer = _InterruptibleTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "gan": to_dict(cfg),
-            "quiet": args.quiet,
-            "verbose": args.verbose,
-            "scan_storage": True,
-        },
-        # NCCL between GPUs, gloo on CPU (gloo is also what DDP's CPU tests compare against).
-        torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=r.num_workers,
-            use_gpu=r.use_gpu,
-            resources_per_worker={"CPU": r.cpus_per_worker} | ({"GPU": 1} if r.use_gpu else {}),
-        ),
-        run_config=RunConfig(
-            name=cfg.name,
-            logging_config=LoggingConfig(log_level="INFO" if args.verbose else "WARNING"),
-            failure_config=FailureConfig(max_failures=r.max_failures),
-            # raygan's own switches (e.g. fault injection in tests) reach the workers; credentials
-            # are deliberately not forwarded here (the job API would show them to its readers).
-            worker_runtime_env={
-                "env_vars": {k: v for k, v in os.environ.items() if k.startswith("RAYGAN_")}
-            },
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=c.keep,
-                checkpoint_score_attribute=metric,
-                checkpoint_score_order=order,
-            ),
-            **ray_storage_args(storage),
-        ),
+    init_ray(args.address, args.verbose)
+    trainer = make_trainer(
+        cfg,
+        {"quiet": args.quiet, "verbose": args.verbose, "scan_storage": True},
+        verbose=args.verbose,
+        trainer_cls=_interruptible_trainer_class(),
     )
     started, started_at = time.perf_counter(), time.time()
     try:
@@ -182,7 +113,7 @@ def run_with_ray(cfg: GanConfig, args: argparse.Namespace) -> dict[str, Any]:
     mlflow_run_id = None
     checkpoint_uri = None
     if result.checkpoint is not None:
-        checkpoint_uri = result.checkpoint.path
+        checkpoint_uri = stored_uri(result.checkpoint)
         with result.checkpoint.as_directory() as folder:
             tracking = Path(folder) / TRACKING_FILE
             if tracking.is_file():
@@ -195,9 +126,26 @@ def run_with_ray(cfg: GanConfig, args: argparse.Namespace) -> dict[str, Any]:
     return _summary(cfg, storage.run_uri(cfg.name), metrics, wall, mlflow_run_id, checkpoint_uri)
 
 
-def run_local(cfg: GanConfig, args: argparse.Namespace) -> dict[str, Any]:
-    """The worker loop in this process: no Ray, no DDP; same outputs, checkpoints and resume."""
-    session = WorkerSession(cfg, rank=0, world_size=1, device="cpu", quiet=args.quiet)
+def run_local(
+    cfg: GanConfig, args: argparse.Namespace, data: FileData | None = None
+) -> dict[str, Any]:
+    """The worker loop in this process: no Ray, no DDP; same outputs, checkpoints and resume.
+    File data (``data``, as preflight described it) is read by gan_core's pyarrow stream.
+
+    Torch runs on as many threads as a Ray worker of the config would (Ray sets a worker's
+    OMP_NUM_THREADS to its whole CPUs, at least 1), unless ``train.threads`` says otherwise:
+    another thread count sums in another order, and the two backends would drift apart."""
+    threads = torch.get_num_threads()
+    if cfg.train.threads == 0:
+        torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
+    try:
+        return _run_local(cfg, args, data)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_local(cfg: GanConfig, args: argparse.Namespace, data: FileData | None) -> dict[str, Any]:
+    session = WorkerSession(cfg, rank=0, world_size=1, device="cpu", quiet=args.quiet, data=data)
     storage = session.storage
     prefix = f"{cfg.name}/{LOCAL_CKPT_DIR}"
     saved = sorted({p.split("/")[0] for p in storage.list(prefix)})
@@ -281,14 +229,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         # Data before storage: open_storage creates a local storage folder, and a run refused
         # for its data must leave nothing behind.
-        preflight(cfg)
+        data = preflight(cfg)
         open_storage(cfg.storage)  # refuse a bad bucket or endpoint before any worker starts
     except (ConfigError, StorageError, DataError) as exc:
         print(f"raygan: {redact(str(exc))}", file=sys.stderr)
         return 2
     try:
         summary = (
-            run_with_ray(cfg, args) if cfg.resources.backend == "ray" else run_local(cfg, args)
+            run_with_ray(cfg, args)
+            if cfg.resources.backend == "ray"
+            else run_local(cfg, args, data)
         )
     except CheckpointError as exc:
         print(f"raygan: cannot resume: {redact(str(exc))}", file=sys.stderr)
@@ -307,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     m = summary["metrics"]
     coverage = " ".join(
-        f"{k}={m[k]:.4g}" for k in ("modes", "hq_pct", "reverse_kl", "kl") if k in m
+        f"{k}={m[k]:.4g}" for k in ("modes", "hq_pct", "reverse_kl", "kl", "fd") if k in m
     )
     print(f"[raygan] done: {summary['steps']} steps in {summary['wall_seconds']:.1f} s; {coverage}")
     mlflow_part = (

@@ -16,6 +16,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from gan_core.config import GanConfig, from_dict
+from gan_core.files import FileData
 from gan_core.loop import GanRun, LoopHooks, NonFiniteError, format_eval
 from services.checkpoints import (
     CONFIG_FILE,
@@ -69,11 +71,21 @@ class WorkerSession:
     """The per-worker glue between GanRun and Ray Train; Ray-free parts are usable locally."""
 
     def __init__(
-        self, cfg: GanConfig, rank: int, world_size: int, device: str, quiet: bool = False
+        self,
+        cfg: GanConfig,
+        rank: int,
+        world_size: int,
+        device: str,
+        quiet: bool = False,
+        batches: Iterator[torch.Tensor] | None = None,
+        data: FileData | None = None,
     ) -> None:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.quiet = quiet
-        self.run = GanRun(cfg, rank=rank, world_size=world_size, device=device)
+        # ``data``: file data as the driver's preflight described (and checked) it.
+        self.run = GanRun(
+            cfg, rank=rank, world_size=world_size, device=device, batches=batches, data=data
+        )
         self.storage: Storage = open_storage(cfg.storage)
         self.tracker: Any = None
         self.mlflow_run_id: str | None = None
@@ -261,10 +273,11 @@ def _quiet_ray_reports() -> None:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point Ray Train runs on every worker; ``config`` = {"gan": GanConfig as a dict}.
 
-    Optional keys: "scan_storage" (services.train): with no checkpoint from Ray, resume from
-    the newest complete checkpoint folder of the run in storage. Used by Tune trials
-    (tuning.trial): "resume_from", a ``ray.train.Checkpoint``
-    to start from when this Train run has none of its own (Train V2 has no other way in), and
+    Optional keys: "file_data" (services.launch): the ``FileData`` the driver described, whose
+    rows arrive as this worker's Ray Data shard. "scan_storage" (services.train): with no
+    checkpoint from Ray, resume from the newest complete checkpoint folder of the run in storage.
+    Used by Tune trials (tuning.trial): "resume_from", a ``ray.train.Checkpoint`` to start from
+    when this Train run has none of its own (Train V2 has no other way in), and
     "mlflow_run_id", the MLflow run to log into whatever run the checkpoint names.
     """
     import ray.train
@@ -276,7 +289,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = str(ray.train.torch.get_device()) if cfg.resources.use_gpu else "cpu"
-    session = WorkerSession(cfg, rank, world, device, quiet=bool(config.get("quiet")))
+    data, batches = config.get("file_data"), None
+    if data is not None:
+        from services.ray_data import shard_batches
+
+        batches = shard_batches(cfg.train.batch_size)
+    session = WorkerSession(
+        cfg, rank, world, device, quiet=bool(config.get("quiet")), batches=batches, data=data
+    )
     checkpoint = ray.train.get_checkpoint() or config.get("resume_from")
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:

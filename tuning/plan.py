@@ -23,6 +23,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from gan_core.config import ConfigError, GanConfig, flatten, from_dict, load_config, parse_overrides
+from services.launch import for_workers
 from services.storage import Storage, open_storage
 from services.tracking import default_tracking_uri
 from tuning.objective import DEFAULT_METRIC, DEFAULT_MODE
@@ -152,6 +153,8 @@ def make_plan(
         # PBT clones a trial at its latest report: every report must carry a checkpoint.
         flat["checkpoint.every"] = flat["eval.every"]
     base = from_dict(flat, source=f"--config {config} + space {search.name} fixed + overrides")
+    # Paths as the trials' processes must see them (they run in folders of Ray's own).
+    base = for_workers(base)
     plan.base = flatten(base)
     plan.space = validate_space(search, plan.base)
     _check_settings(plan)

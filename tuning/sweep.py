@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
-import socket
 import sys
 import tempfile
 import time
@@ -46,6 +44,8 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
 from gan_core.config import ConfigError, StorageConfig, load_config
+from services.launch import init_ray
+from services.preflight import DataError, preflight
 from services.storage import Storage, StorageError, open_storage, ray_storage_args, redact
 from services.tracking import Tracker
 from tuning.objective import DEFAULT_METRIC, DEFAULT_MODE
@@ -168,44 +168,6 @@ def plan_from_args(args: argparse.Namespace) -> tuple[SweepPlan, Storage]:
             "<sweep arguments>",
         )
     return plan, storage
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def init_ray(
-    address: str | None = None, verbose: bool = False, num_cpus: int | None = None
-) -> None:
-    """Join ``address`` (or RAY_ADDRESS), else start a private Ray on 127.0.0.1.
-
-    A trial stopped by a scheduler takes its Train controller down abruptly; Ray Train's
-    placement-group cleaner then frees the trial's CPUs, looking the controller up through the
-    dashboard's state API. So the dashboard stays on (without it the placement group leaked and
-    the next trial waited forever, PLATFORM.md), and its address is handed to every process:
-    by default the cleaner searches the machine for "the" Ray instance and gives up ("Found
-    multiple active Ray instances") when another Ray runs on the same machine.
-    """
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    level = logging.INFO if verbose else logging.WARNING
-    if address:
-        ray.init(address=address, logging_level=level)
-        return
-    port = _free_port()
-    ray.init(
-        address="local",  # always a new cluster, never a stale `ray start` one found on disk
-        num_cpus=num_cpus,
-        _node_ip_address="127.0.0.1",
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=port,
-        logging_level=level,
-        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
-    )
 
 
 def sweep_storage(plan: SweepPlan, storage: Storage) -> Storage:
@@ -404,7 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         plan, storage = plan_from_args(args)
-    except (ConfigError, StorageError) as exc:
+        # The trials share the base config's data: checked once, before any trial starts.
+        preflight(plan.base_config)
+    except (ConfigError, StorageError, DataError) as exc:
         print(f"raygan: {redact(str(exc))}", file=sys.stderr)
         return 2
     verb = "resuming" if args.resume else "starting"

@@ -15,7 +15,7 @@ report or two ahead of what Tune has seen, e.g. past the report on which a sched
 
 A stopped or paused trial ends when Tune ends its actor, which owns the Train controller and
 workers (so trials must not reuse actors); Train's placement-group cleaner then frees its CPUs
-(see ``tuning.sweep.init_ray``).
+(see ``services.launch.init_ray``).
 
 Where a trial starts: with no Tune checkpoint, a Train run named after the trial (rerunning a
 name resumes it, Train's own mechanism). With one (a PBT exploit, or a sweep restored after an
@@ -37,18 +37,11 @@ import ray
 from ray import tune
 from ray.train import (
     Checkpoint,
-    CheckpointConfig,
-    FailureConfig,
-    LoggingConfig,
-    RunConfig,
-    ScalingConfig,
     UserCallback,
 )
-from ray.train.torch import TorchTrainer
 
-from gan_core.config import GanConfig, checkpoint_metric, from_dict, to_dict
-from services.storage import open_storage, ray_storage_args
-from services.worker import train_loop_per_worker
+from gan_core.config import GanConfig, from_dict
+from services.launch import make_trainer
 from tuning.objective import with_score
 from tuning.runs import child_run_id
 
@@ -141,7 +134,6 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
     cfg = settings.trial_config(config, trial)
     start = tune.get_checkpoint()
     train_config: dict[str, Any] = {
-        "gan": to_dict(cfg),
         "quiet": settings.quiet,
         "verbose": settings.verbose,
     }
@@ -151,29 +143,13 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
         train_config["mlflow_run_id"] = child_run_id(
             settings.tracking_uri, settings.parent_run_id, settings.sweep, trial, config
         )
-    r, c = cfg.resources, cfg.checkpoint
-    metric, order = checkpoint_metric(cfg)
     mailbox = ray.remote(num_cpus=0)(Mailbox).remote()
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=train_config,
-        scaling_config=ScalingConfig(
-            num_workers=r.num_workers,
-            use_gpu=r.use_gpu,
-            resources_per_worker={"CPU": r.cpus_per_worker} | ({"GPU": 1} if r.use_gpu else {}),
-        ),
-        run_config=RunConfig(
-            name=train_run_name(trial, start.path if start is not None else None),
-            callbacks=[ForwardToTune(mailbox)],
-            logging_config=LoggingConfig(log_level="INFO" if settings.verbose else "WARNING"),
-            failure_config=FailureConfig(max_failures=r.max_failures),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=c.keep,
-                checkpoint_score_attribute=metric,
-                checkpoint_score_order=order,
-            ),
-            **ray_storage_args(open_storage(cfg.storage)),
-        ),
+    trainer = make_trainer(
+        cfg,
+        train_config,
+        run_name=train_run_name(trial, start.path if start is not None else None),
+        callbacks=[ForwardToTune(mailbox)],
+        verbose=settings.verbose,
     )
     _fit_and_forward(trainer, mailbox)
     # Only after a normal end: killed earlier, it would fail a send the controller still waits on.

@@ -573,7 +573,7 @@ def test_checkpoint_metric_defaults_to_what_the_data_reports(
 @pytest.mark.parametrize(
     ("overrides", "metric"),
     [
-        (PARQUET, "modes"),  # Parquet data has no mode labels
+        (PARQUET, "reverse_kl"),  # no mode centers in a user's data (labels: preflight)
         ([], "kl"),  # ring-8 reports reverse_kl, not kl
         (["data.name=stacked_digits"], "hq_pct"),
     ],

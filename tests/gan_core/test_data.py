@@ -1,4 +1,5 @@
-"""Tests for gan_core.data: mixtures, digits, stacked digits, Parquet loading and its errors."""
+"""Tests for gan_core.data: mixtures, digits, stacked digits and build_dataset (file data sets:
+test_files.py)."""
 
 from __future__ import annotations
 
@@ -6,29 +7,27 @@ import math
 import time
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 from sklearn.datasets import load_digits as sklearn_digits
 
-from gan_core import data
 from gan_core.config import ConfigError, DataConfig
 from gan_core.data import (
     DataError,
     DigitsDataset,
     MixtureDataset,
-    ParquetDataset,
     StackedDigitsDataset,
     build_dataset,
     grid25,
     load_digits,
     ring8,
 )
+from gan_core.files import FileData
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -188,146 +187,6 @@ def test_stacked_mode_ids() -> None:
     assert StackedDigitsDataset.mode_ids(labels).tolist() == [123, 0, 999, 40]
 
 
-# --- Parquet -------------------------------------------------------------------------------------
-
-
-def _write(path: Path, columns: dict) -> str:
-    pq.write_table(pa.table(columns), path)
-    return str(path)
-
-
-def test_parquet_points_with_int_and_float_columns(tmp_path: Path) -> None:
-    path = _write(
-        tmp_path / "points.parquet",
-        {"x": [1.0, 2.0, 3.0], "label": [10, 11, 12], "y": pa.array([-4, 5, 6], pa.int32())},
-    )
-    ds = ParquetDataset(path)
-    assert (ds.kind, ds.shape) == ("points", (2,))
-    assert torch.equal(ds.data, torch.tensor([[1.0, -4.0], [2.0, 5.0], [3.0, 6.0]]))
-    points, labels = ds.sample_with_labels(300, gen(6))
-    assert points.dtype == torch.float32
-    # Row i is (i + 1, ...) with label 10 + i, so each label must travel with its own row.
-    assert torch.equal(points[:, 0].long() + 9, labels)
-    assert set(labels.tolist()) == {10, 11, 12}
-    assert torch.equal(ds.sample(300, gen(6)), points)
-
-
-def test_parquet_images_from_float_lists(tmp_path: Path) -> None:
-    first = [-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0]
-    second = [0.1] * 8
-    path = _write(tmp_path / "img.parquet", {"image": [first, second], "label": [3, 4]})
-    ds = ParquetDataset(path, image_size=2, channels=2)
-    assert (ds.kind, ds.shape) == ("images", (2, 2, 2))
-    assert ds.data.shape == (2, 2, 2, 2)
-    # Row-major (C, H, W): index c*4 + h*2 + w.
-    assert ds.data[0, 1, 0, 1].item() == 0.25
-    assert ds.data[0, 0, 1, 0].item() == -0.5
-    torch.testing.assert_close(ds.data[1], torch.full((2, 2, 2), 0.1))
-    assert ds.labels.tolist() == [3, 4]
-
-
-def test_parquet_images_from_uint8_lists_are_scaled(tmp_path: Path) -> None:
-    pixels = pa.array([[0, 255, 51, 102]], pa.list_(pa.uint8()))
-    ds = ParquetDataset(_write(tmp_path / "u8.parquet", {"image": pixels}), image_size=2)
-    expected = torch.tensor([[[[-1.0, 1.0], [51 / 127.5 - 1, 102 / 127.5 - 1]]]])
-    torch.testing.assert_close(ds.data, expected)
-    assert ds.labels is None
-    with pytest.raises(DataError, match="no 'label' column"):
-        ds.sample_with_labels(2, gen())
-
-
-def test_parquet_folder_of_files_is_read_whole(tmp_path: Path) -> None:
-    folder = tmp_path / "parts"
-    folder.mkdir()
-    _write(folder / "part-0.parquet", {"x": [1.0, 2.0]})
-    _write(folder / "part-1.parquet", {"x": [3.0, 4.0, 5.0]})
-    ds = ParquetDataset(str(folder))
-    assert sorted(ds.data[:, 0].tolist()) == [1.0, 2.0, 3.0, 4.0, 5.0]
-    assert set(ds.sample(500, gen(2))[:, 0].tolist()) == {1.0, 2.0, 3.0, 4.0, 5.0}
-
-
-def test_parquet_uri_goes_through_filesystem_from_uri(tmp_path: Path, monkeypatch) -> None:
-    path = _write(tmp_path / "uri.parquet", {"x": [7.0]})
-    seen = []
-
-    class SpyFileSystem:
-        @staticmethod
-        def from_uri(uri: str):
-            seen.append(uri)
-            return pafs.FileSystem.from_uri(uri)
-
-    # Only gan_core.data sees the spy; pyarrow itself keeps its real FileSystem class.
-    spy = SimpleNamespace(
-        FileSystem=SpyFileSystem, LocalFileSystem=pafs.LocalFileSystem, FileType=pafs.FileType
-    )
-    monkeypatch.setattr(data, "pafs", spy)
-    ds = ParquetDataset(f"file://{path}")
-    assert seen == [f"file://{path}"]
-    assert ds.data.tolist() == [[7.0]]
-
-
-def _error_case(tmp_path: Path, case: str) -> tuple[str, int]:
-    """Write a broken dataset; return its path and the image_size to open it with."""
-    file = tmp_path / f"{case}.parquet"
-    if case == "missing":
-        return str(tmp_path / "nowhere" / "x.parquet"), 0
-    if case == "no rows":
-        return _write(file, {"x": pa.array([], pa.float32())}), 0
-    if case == "no usable columns":
-        return _write(file, {"label": [1, 2]}), 0
-    if case == "no image column":
-        return _write(file, {"pixels": [[0.0] * 4]}), 2
-    if case == "wrong-length":
-        return _write(file, {"image": [[0.0] * 4, [0.0] * 3]}), 2
-    if case == "non-numeric":
-        return _write(file, {"x": [1.0], "name": ["a"]}), 0
-    if case == "non-numeric image":
-        return _write(file, {"image": [["a"] * 4]}), 2
-    if case == "nan":
-        return _write(file, {"x": [1.0, float("nan")]}), 0
-    if case == "inf":
-        return _write(file, {"image": [[0.0, 0.0, 0.0, float("inf")]]}), 2
-    if case == "out of range floats":
-        return _write(file, {"image": [[0.0, 0.0, 0.0, 2.0]]}), 2
-    if case == "out of range ints":
-        return _write(file, {"image": pa.array([[0, 0, 0, 300]], pa.list_(pa.int16()))}), 2
-    if case == "nulls":
-        return _write(file, {"x": [1.0, None]}), 0
-    if case == "not parquet":
-        file.write_text("not parquet")
-        return str(file), 0
-    raise AssertionError(case)
-
-
-@pytest.mark.parametrize(
-    ("case", "problem"),
-    [
-        ("missing", "no such file"),
-        ("no rows", "no rows"),
-        ("no usable columns", "no usable columns"),
-        ("no image column", "no usable columns"),
-        ("wrong-length", "wrong-length image list: row 1 has 3 values"),
-        ("non-numeric", "non-numeric columns: name"),
-        ("non-numeric image", "non-numeric values"),
-        ("nan", "NaN/Inf"),
-        ("inf", "NaN/Inf"),
-        ("out of range floats", "must be in [-1, 1]"),
-        ("out of range ints", "must be 0..255"),
-        ("nulls", "null values"),
-        ("not parquet", "cannot read it as Parquet"),
-    ],
-)
-def test_parquet_errors_name_path_problem_and_schema(tmp_path: Path, case, problem) -> None:
-    path, image_size = _error_case(tmp_path, case)
-    with pytest.raises(DataError) as info:
-        ParquetDataset(path, image_size=image_size)
-    message = str(info.value)
-    assert message.startswith(f"{path}: ")
-    assert problem in message
-    assert "expected" in message and ("'image'" if image_size else "numeric") in message
-    assert isinstance(info.value, ValueError) and info.value.path == path
-
-
 # --- build_dataset -------------------------------------------------------------------------------
 
 
@@ -336,8 +195,20 @@ def test_build_dataset_dispatches_on_name(tmp_path: Path) -> None:
     assert build_dataset(DataConfig(name="grid25")).num_modes == 25
     assert isinstance(build_dataset(DataConfig(name="digits")), DigitsDataset)
     assert isinstance(build_dataset(DataConfig(name="stacked_digits")), StackedDigitsDataset)
-    path = _write(tmp_path / "p.parquet", {"image": [np.linspace(-1, 1, 12).tolist()]})
-    ds = build_dataset(DataConfig(name="parquet", path=path, image_size=2, channels=3))
-    assert isinstance(ds, ParquetDataset) and ds.shape == (3, 2, 2)
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"image": [np.linspace(-1, 1, 12).tolist()]}), path)
+    ds = build_dataset(DataConfig(name="parquet", path=str(path), image_size=2, channels=3))
+    assert isinstance(ds, FileData) and (ds.kind, ds.shape, ds.num_rows) == ("images", (3, 2, 2), 1)
+    # Opening a file data set decodes (small ones: all) its rows to check them.
+    pq.write_table(pa.table({"x": [1.0, float("nan")]}), path)
+    with pytest.raises(DataError, match="NaN"):
+        build_dataset(DataConfig(name="parquet", path=str(path)))
+    folder = tmp_path / "images" / "cls"
+    folder.mkdir(parents=True)
+    Image.new("L", (8, 8), 7).save(folder / "a.png")
+    images = build_dataset(
+        DataConfig(name="image_folder", path=str(tmp_path / "images"), image_size=4)
+    )
+    assert isinstance(images, FileData) and images.classes == ["cls"] and images.shape == (1, 4, 4)
     with pytest.raises(ConfigError, match="data.name"):
         build_dataset(DataConfig(name="mnist"))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gan_core.images import BORDER, grid_array, save_grid, save_scatter
+from gan_core.images import BORDER, grid_array, save_grid, save_points, save_scatter
 
 # Four 1x2x2 images; [-1, 1] maps to [0, 255] as round((x + 1) * 127.5).
 FOUR = torch.tensor(
@@ -92,3 +92,55 @@ def test_save_scatter_draws_red_centers(tmp_path: Path) -> None:
         rgb = np.asarray(picture.convert("RGB")).astype(int)
     red = (rgb[..., 0] > 200) & (rgb[..., 1] < 80) & (rgb[..., 2] < 80)
     assert red.sum() > 20  # the four red crosses are drawn
+
+
+def _blue_and_grey(path: Path) -> tuple[int, int]:
+    """Pixels of the samples' colour (matplotlib's first, #1f77b4) and of the real data's grey."""
+    with Image.open(path) as picture:
+        assert picture.format == "PNG"
+        rgb = np.asarray(picture.convert("RGB")).astype(int)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    blue = (b - r > 60) & (b > 150)
+    grey = (abs(r - g) < 6) & (abs(g - b) < 6) & (r > 110) & (r < 235)
+    return int(blue.sum()), int(grey.sum())
+
+
+@pytest.mark.parametrize(
+    ("dims", "size"),
+    [
+        (1, (450, 450)),  # one panel: the two histograms
+        (2, (450, 450)),  # one scatter
+        (3, (1350, 450)),  # pairs of 3 coordinates: 3 panels in a row
+        (4, (1350, 900)),  # 6 panels: 2 rows of 3
+        (5, (1350, 900)),  # only the first 4 coordinates are drawn
+    ],
+)
+def test_save_points_lays_out_one_panel_per_pair_of_coordinates(
+    tmp_path: Path, dims: int, size: tuple[int, int]
+) -> None:
+    rng = torch.Generator().manual_seed(dims)
+    real = torch.randn(400, dims, generator=rng)
+    samples = 0.5 * torch.randn(300, dims, generator=rng) + 0.5
+    path = save_points(samples, real.numpy(), tmp_path / "sub" / "points.png", title="file data")
+    assert path == tmp_path / "sub" / "points.png"
+    with Image.open(path) as picture:
+        assert picture.size == size
+    blue, grey = _blue_and_grey(path)
+    assert blue > 100 and grey > 100  # samples over the real data, in every layout
+
+
+def test_save_points_axes_follow_the_real_data_not_diverged_samples(tmp_path: Path) -> None:
+    rng = torch.Generator().manual_seed(0)
+    real = torch.randn(500, 2, generator=rng)
+    inside = _blue_and_grey(save_points(real[:400] * 0.5, real, tmp_path / "inside.png"))
+    # Samples 1000 units away fall outside the axes, which still span the real data: only the
+    # legend's marker is left in the samples' colour.
+    outside = _blue_and_grey(save_points(real[:400] + 1000.0, real, tmp_path / "outside.png"))
+    assert outside[0] < 80 and inside[0] > outside[0] + 250
+    assert outside[1] > 100  # the real data is still drawn at full size
+
+
+def test_save_points_refuses_mismatched_dimensions(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="samples have 3 coordinates, real data 2"):
+        save_points(np.zeros((10, 3)), np.zeros((10, 2)), tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()

@@ -315,7 +315,7 @@ def test_conv_autoencoder_energy_and_shapes():
 # --- DCGAN ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("side", [8, 16, 32])
+@pytest.mark.parametrize("side", [8, 16, 32, 64])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_dcgan_shapes(side, channels):
     torch.manual_seed(0)
@@ -335,11 +335,11 @@ def test_dcgan_shapes(side, channels):
     assert e(out[1]).shape == (3, 5)
 
 
-@pytest.mark.parametrize("shape", [(1, 12, 12), (1, 8, 16), (1, 64, 64)])
+@pytest.mark.parametrize("shape", [(1, 12, 12), (1, 8, 16), (1, 128, 128)])
 def test_dcgan_rejects_unsupported_image_sides(shape):
-    with pytest.raises(ValueError, match=r"\(8, 16, 32\)"):
+    with pytest.raises(ValueError, match=r"\(8, 16, 32, 64\)"):
         bank(shape, arch="dcgan")
-    with pytest.raises(ValueError, match=r"\(8, 16, 32\)"):
+    with pytest.raises(ValueError, match=r"\(8, 16, 32, 64\)"):
         disc(shape, arch="dcgan")
 
 

@@ -55,10 +55,10 @@ def _no_ray_before_or_after(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         raise AssertionError("main() went on to start Ray for input it should have refused")
 
     # A regression fails here, fast, instead of starting a real cluster inside the test run.
-    monkeypatch.setattr(train, "_init_ray", tripwire)
+    monkeypatch.setattr(train, "init_ray", tripwire)
     assert not ray.is_initialized()
     yield
-    # main() must refuse before _init_ray: a started Ray here would mean a worker could run.
+    # main() must refuse before init_ray: a started Ray here would mean a worker could run.
     assert not ray.is_initialized(), "Ray was started for input that cannot run"
 
 
@@ -318,3 +318,120 @@ def test_parquet_behind_an_unreachable_endpoint_is_refused(
         "cannot open it",
     )
     assert _snapshot(storage) == before
+
+
+# --- image data ----------------------------------------------------------------------------------
+
+IMAGES = ["data.image_size=8", "generators.arch=dcgan", "discriminator.arch=dcgan"]
+
+
+def _png(side: int = 8) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(np.full((side, side), 200, np.uint8)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_empty_image_folder_is_refused(
+    tmp_path: Path, storage: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "images"
+    (folder / "cats").mkdir(parents=True)
+    (folder / "cats" / "notes.txt").write_text("not an image")
+    before = _snapshot(storage)
+    _refused(
+        capsys,
+        ["data.name=image_folder", f"data.path={folder}", f"storage.uri={storage}", *IMAGES],
+        f"raygan: {folder}: ",
+        "the folder holds no image files",
+        "expected a folder of .png/.jpg/.jpeg files",
+    )
+    assert _snapshot(storage) == before
+
+
+def test_undecodable_image_is_refused_naming_its_file(
+    tmp_path: Path, storage: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "images"
+    (folder / "a").mkdir(parents=True)
+    (folder / "a" / "good.png").write_bytes(_png())
+    (folder / "a" / "broken.png").write_bytes(_png()[:40])
+    _refused(
+        capsys,
+        ["data.name=image_folder", f"data.path={folder}", f"storage.uri={storage}", *IMAGES],
+        f"raygan: {folder / 'a' / 'broken.png'}: cannot decode the image",
+    )
+
+
+def test_undecodable_image_row_in_parquet_is_refused_naming_its_row(
+    tmp_path: Path, storage: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "images.parquet"
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    rows = [{"bytes": _png(), "path": None}, {"bytes": b"\x89PNG nonsense", "path": None}]
+    pq.write_table(pa.table({"image": pa.array(rows, struct)}), path)
+    _refused(
+        capsys,
+        ["data.name=parquet", f"data.path={path}", f"storage.uri={storage}", *IMAGES],
+        f"raygan: {path} row 1: cannot decode the image",
+    )
+
+
+def test_image_column_under_another_name_is_refused(
+    tmp_path: Path, storage: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "img.parquet"
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    pq.write_table(pa.table({"picture": pa.array([{"bytes": _png(), "path": None}], struct)}), path)
+    _refused(
+        capsys,
+        ["data.name=parquet", f"data.path={path}", f"storage.uri={storage}", *IMAGES],
+        "no usable columns: no 'image' column among ['picture']",
+    )
+
+
+def test_mixed_image_sizes_are_resized_not_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "small.png").write_bytes(_png(8))
+    (folder / "large.png").write_bytes(_png(20))
+    cfg = load_config("ring8", ["data.name=image_folder", f"data.path={folder}", *IMAGES])
+    data = preflight(cfg)
+    x, labels = data.read_all()
+    assert x.shape == (2, 1, 8, 8) and labels is None
+    assert (x == 200).all()  # a flat grey stays flat grey at any size
+
+
+def test_image_folder_in_a_missing_bucket_is_refused(
+    s3_data: str, storage: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    uri = "s3://no-such-image-bucket/train"
+    _refused(
+        capsys,
+        ["data.name=image_folder", f"data.path={uri}", f"storage.uri={storage}", *IMAGES],
+        uri,
+        "bucket 'no-such-image-bucket' does not exist",
+    )
+
+
+def test_label_metric_without_labels_is_refused(
+    tmp_path: Path, storage: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    (folder / "one.png").write_bytes(_png())
+    _refused(
+        capsys,
+        [
+            "data.name=image_folder",
+            f"data.path={folder}",
+            f"storage.uri={storage}",
+            "checkpoint.metric=modes",
+            *IMAGES,
+        ],
+        "checkpoint.metric='modes' is invalid",
+        "no labels",
+    )

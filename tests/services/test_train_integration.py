@@ -181,3 +181,56 @@ def test_missing_bucket_is_refused_with_its_uri(s3_env: str, tmp_path: Path) -> 
         ]
     )
     assert rc == 2
+
+
+def test_local_backend_and_one_ray_worker_train_bit_identically(
+    ray_cluster: Path, tmp_path: Path
+) -> None:
+    """What is reproducible: the same config on the same number of workers and threads gives
+    the same weights, whatever runs it. The local backend runs torch on the threads a Ray
+    worker of the config gets (1 here), even in a process that has more."""
+    import torch
+
+    common = [
+        *TINY,
+        "resources.num_workers=1",
+        "tracking.enabled=false",
+        "train.steps=20",
+        "checkpoint.every=20",
+        "--quiet",
+    ]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # what torch picks by itself on a 2-core machine
+    try:
+        local = [
+            "name=same-local",
+            f"storage.uri={tmp_path / 'local'}",
+            "resources.backend=local",
+        ]
+        assert train.main(["--config", "ring8", *common, *local]) == 0
+        assert torch.get_num_threads() == 2, "the local backend must restore the caller's threads"
+    finally:
+        torch.set_num_threads(threads)
+    summary = tmp_path / "ray.json"
+    ray_run = ["name=same-ray", f"storage.uri={tmp_path / 'ray'}", "--summary-json", str(summary)]
+    assert train.main(["--config", "ring8", *common, *ray_run]) == 0
+    ray_state = Path(json.loads(summary.read_text())["checkpoint_uri"]) / "state.pt"
+    local_state = tmp_path / "local" / "same-local" / "local_checkpoints" / "step_0000020"
+    a = torch.load(local_state / "state.pt", weights_only=True)["model"]
+    b = torch.load(ray_state, weights_only=True)["model"]
+
+    def tensors(node: object, key: str = "") -> dict[str, torch.Tensor]:
+        if isinstance(node, torch.Tensor):
+            return {key: node}
+        items = node.items() if isinstance(node, dict) else []
+        if isinstance(node, list | tuple):
+            items = enumerate(node)
+        out: dict[str, torch.Tensor] = {}
+        for name, sub in items:
+            out.update(tensors(sub, f"{key}.{name}"))
+        return out
+
+    left, right = tensors(a), tensors(b)
+    assert left.keys() == right.keys() and len(left) > 20
+    differ = [k for k in left if not torch.equal(left[k], right[k])]
+    assert not differ, f"{len(differ)} of {len(left)} tensors differ, e.g. {differ[:3]}"

@@ -1,0 +1,190 @@
+"""The one way into Ray Train: every job and every Tune trial starts Ray and builds its trainer
+here.
+
+- ``init_ray`` joins a cluster (``--address`` or ``RAY_ADDRESS``) or starts a private one on
+  127.0.0.1 with the dashboard on (Tune needs it, and Ray Train's placement-group cleaner finds
+  its cluster through it).
+- ``for_workers`` makes a config safe to ship: Ray Train V2 runs every worker in a working
+  folder of its own under Ray's session folder, so a relative path (the default ``./runs``, a
+  relative ``data.path``) would mean another place on a worker than where the user started the
+  job. Local paths become absolute here, on the driver, and the default MLflow store with them.
+- ``make_trainer`` builds the ``TorchTrainer``: scaling, failures, checkpoints kept by the
+  config's metric, storage, and for file data a Ray Data dataset that each worker reads its
+  own shard of (services/ray_data.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from gan_core.config import FILE_DATA, GanConfig, checkpoint_metric, to_dict
+from services.storage import open_storage, ray_storage_args
+
+log = logging.getLogger("raygan")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def init_ray(
+    address: str | None = None, verbose: bool = False, num_cpus: int | None = None
+) -> None:
+    """Join ``address`` (or RAY_ADDRESS), else start a private Ray on 127.0.0.1.
+
+    The private cluster's address is "local": always a new cluster, never a stale ``ray start``
+    one found on disk. Its dashboard address goes to every process: by default Ray Train's
+    placement-group cleaner searches the machine for "the" Ray instance and gives up ("Found
+    multiple active Ray instances") when another Ray runs on the same machine; a trial stopped
+    by a Tune scheduler would then leak its CPUs and the next trial wait for ever.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    level = logging.INFO if verbose else logging.WARNING
+    if address:
+        ray.init(address=address, logging_level=level, log_to_driver=True)
+        return
+    port = _free_port()
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        _node_ip_address="127.0.0.1",
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        logging_level=level,
+        configure_logging=True,
+        log_to_driver=True,
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+    )
+
+
+def _absolute(path: str) -> str:
+    if not path or "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def for_workers(cfg: GanConfig) -> GanConfig:
+    """``cfg`` with local storage and data paths absolute, and the default MLflow store (an
+    SQLite file beside local storage) spelled out, so every process resolves them alike."""
+    from services.tracking import default_tracking_uri
+
+    storage = dataclasses.replace(cfg.storage, uri=_absolute(cfg.storage.uri.strip()))
+    data = cfg.data
+    if data.name in FILE_DATA:
+        data = dataclasses.replace(data, path=_absolute(data.path))
+    tracking = cfg.tracking
+    if tracking.enabled and not tracking.uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+        # From the environment the URI may carry a password; it then stays out of the config
+        # (which MLflow logs as params) and reaches the workers as the environment variable.
+        tracking = dataclasses.replace(tracking, uri=default_tracking_uri(storage.uri))
+    return dataclasses.replace(cfg, storage=storage, data=data, tracking=tracking)
+
+
+def worker_cpus(cfg: GanConfig, streams_files: bool) -> float:
+    """CPUs each Train worker asks for. Ray Train reserves its workers' CPUs before Ray Data
+    sees the cluster; workers that take every CPU leave Ray Data's read and decode tasks none,
+    and the job hangs waiting for them. Where that would happen, the workers share what is left
+    after ``ray_data.DATA_CPUS`` (a CPU is a scheduling unit, not a core: they still run)."""
+    import ray
+
+    from services.ray_data import DATA_CPUS
+
+    r = cfg.resources
+    if not streams_files:
+        return r.cpus_per_worker
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    if r.num_workers * r.cpus_per_worker + DATA_CPUS <= total or total <= DATA_CPUS:
+        return r.cpus_per_worker
+    cpus = round((total - DATA_CPUS) / r.num_workers, 3)
+    log.warning(
+        "%d workers x resources.cpus_per_worker=%g would leave Ray Data no CPU of the "
+        "cluster's %g to read and decode with; each worker asks for %g",
+        r.num_workers,
+        r.cpus_per_worker,
+        total,
+        cpus,
+    )
+    return cpus
+
+
+def make_trainer(
+    cfg: GanConfig,
+    loop_config: dict[str, Any],
+    *,
+    run_name: str | None = None,
+    callbacks: list[Any] | None = None,
+    verbose: bool = False,
+    trainer_cls: type | None = None,
+) -> Any:
+    """The ``TorchTrainer`` that runs ``services.worker.train_loop_per_worker`` for ``cfg``.
+
+    ``loop_config`` holds the worker's switches; ``"gan"`` (the config, made safe by
+    ``for_workers``) is added here. The Train run is named ``run_name`` (default ``cfg.name``);
+    rerunning a name on the same storage resumes it.
+    """
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from services.worker import train_loop_per_worker
+
+    cfg = for_workers(cfg)
+    r, c = cfg.resources, cfg.checkpoint
+    metric, order = checkpoint_metric(cfg)
+    datasets, loop_config = None, {**loop_config, "gan": to_dict(cfg)}
+    if cfg.data.name in FILE_DATA:
+        from services.preflight import open_data
+        from services.ray_data import DATASET, train_dataset
+
+        # Checked already (preflight, or the sweep's plan): only described here, once, and the
+        # description shipped to the workers (they read no listing or footer themselves).
+        data = open_data(cfg, check=False)
+        datasets = {DATASET: train_dataset(data, verbose)}
+        loop_config["file_data"] = data
+    cpus = worker_cpus(cfg, datasets is not None)
+    return (trainer_cls or TorchTrainer)(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        # NCCL between GPUs, gloo on CPU (gloo is also what DDP's CPU tests compare against).
+        torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=r.num_workers,
+            use_gpu=r.use_gpu,
+            resources_per_worker={"CPU": cpus} | ({"GPU": 1} if r.use_gpu else {}),
+        ),
+        datasets=datasets,
+        run_config=RunConfig(
+            name=run_name or cfg.name,
+            callbacks=callbacks,
+            logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING"),
+            failure_config=FailureConfig(max_failures=r.max_failures),
+            # raygan's own switches (e.g. fault injection in tests) reach the workers; credentials
+            # are deliberately not forwarded here (the job API would show them to its readers).
+            worker_runtime_env={
+                "env_vars": {k: v for k, v in os.environ.items() if k.startswith("RAYGAN_")}
+            },
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=c.keep,
+                checkpoint_score_attribute=metric,
+                checkpoint_score_order=order,
+            ),
+            **ray_storage_args(open_storage(cfg.storage)),
+        ),
+    )
