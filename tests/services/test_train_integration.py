@@ -197,7 +197,6 @@ def test_local_backend_and_one_ray_worker_train_bit_identically(
         "tracking.enabled=false",
         "train.steps=20",
         "checkpoint.every=20",
-        "--quiet",
     ]
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # what torch picks by itself on a 2-core machine
@@ -207,13 +206,14 @@ def test_local_backend_and_one_ray_worker_train_bit_identically(
             f"storage.uri={tmp_path / 'local'}",
             "resources.backend=local",
         ]
-        assert train.main(["--config", "ring8", *common, *local]) == 0
+        assert train.main(["--config", "ring8", "--quiet", *common, *local]) == 0
         assert torch.get_num_threads() == 2, "the local backend must restore the caller's threads"
     finally:
         torch.set_num_threads(threads)
     summary = tmp_path / "ray.json"
-    ray_run = ["name=same-ray", f"storage.uri={tmp_path / 'ray'}", "--summary-json", str(summary)]
-    assert train.main(["--config", "ring8", *common, *ray_run]) == 0
+    ray_run = ["name=same-ray", f"storage.uri={tmp_path / 'ray'}"]
+    args = ["--config", "ring8", "--quiet", "--summary-json", str(summary)]
+    assert train.main([*args, *common, *ray_run]) == 0
     ray_state = Path(json.loads(summary.read_text())["checkpoint_uri"]) / "state.pt"
     local_state = tmp_path / "local" / "same-local" / "local_checkpoints" / "step_0000020"
     a = torch.load(local_state / "state.pt", weights_only=True)["model"]
