@@ -20,7 +20,9 @@ one drew after its last checkpoint (the generated noise and the weights do resum
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from torch import Tensor
 
 from gan_core.files import IMAGE_FILES, FileData, to_training
 
+log = logging.getLogger("raygan")
 DATASET = "train"
 # CPUs of a small cluster kept for Ray Data when training would take them all (launch.py), and
 # what each read/decode task asks for. Ray Data 2.60 gets its share through an autoscaling
@@ -38,8 +41,15 @@ DATASET = "train"
 # resources are not enough to run any task"); with one whole CPU left it runs.
 DATA_CPUS = 1.0
 TASK_CPUS = 0.25
-# Rows decoded per map_batches call: small enough that a block of 64x64 RGB pixels is ~3 MiB.
+# Rows decoded per map_batches call, and the largest block Ray Data may merge them into (its
+# default, 128 MiB, made each worker fetch 130 MB at a time from a 2 GB data set of 32x32 images).
 DECODE_ROWS = 256
+BLOCK_BYTES = 8 * 2**20
+# Rows a worker shuffles locally: streamed blocks come in file order, so a buffer of many batches
+# is what mixes rows of different row groups into one batch.
+SHUFFLE_ROWS = 2048
+# A data set is materialized only if it takes at most this share of the object store.
+CACHE_STORE_SHARE = 0.5
 
 
 class _Decode:
@@ -65,29 +75,62 @@ class _Decode:
 
 
 def train_dataset(data: FileData, verbose: bool = False) -> Any:
-    """The Ray Data dataset of ``data``'s decoded rows (lazy unless cached)."""
+    """The Ray Data dataset of ``data``'s decoded rows: lazy and streamed, or decoded once and
+    materialized when ``data.cached`` and the object store has room for it."""
+    import ray
     import ray.data
 
+    # A dataset snapshots the current context when it is created.
+    context = ray.data.DataContext.get_current()
+    context.target_max_block_size = BLOCK_BYTES
     if not verbose:
-        # A dataset snapshots the current context: without this every pass over the data logs
-        # its plan and a progress bar into the job's output.
-        context = ray.data.DataContext.get_current()
+        # Without this every pass over the data logs its plan and a progress bar.
         context.print_on_execution_start = False
         context.enable_progress_bars = False
+    store = float(ray.cluster_resources().get("object_store_memory", 0.0))
+    cache = data.cached and data.decoded_bytes <= CACHE_STORE_SHARE * store
+    if data.cached and not cache:
+        log.warning(
+            "%s decodes to %.0f MiB, more than %d%% of Ray's object store (%.0f MiB): streamed, "
+            "decoded on every pass",
+            data.uri,
+            data.decoded_bytes / 2**20,
+            100 * CACHE_STORE_SHARE,
+            store / 2**20,
+        )
+    # Streamed: the files in a new order every pass. An all-to-all step such as
+    # randomize_block_order() would wait for the whole pass to be decoded into the object store
+    # before the first batch (measured: a 2 GB data set went whole into the store every pass).
+    shuffle = None if cache else "files"
     if data.layout == IMAGE_FILES:
         raw = ray.data.read_binary_files(
-            data.files, filesystem=data.filesystem, include_paths=True, num_cpus=TASK_CPUS
+            data.files,
+            filesystem=data.filesystem,
+            include_paths=True,
+            shuffle=shuffle,
+            num_cpus=TASK_CPUS,
         )
     else:
         raw = ray.data.read_parquet(
-            data.files, filesystem=data.filesystem, include_paths=True, num_cpus=TASK_CPUS
+            data.files,
+            filesystem=data.filesystem,
+            include_paths=True,
+            shuffle=shuffle,
+            num_cpus=TASK_CPUS,
         ).select_columns([*data.columns, "path"])
     dataset = raw.map_batches(
         _Decode(data), batch_format="pyarrow", batch_size=DECODE_ROWS, num_cpus=TASK_CPUS
     )
-    if data.cached:
-        dataset = dataset.materialize()
-    # A new block order every pass (no seed: each pass differs).
+    if not cache:
+        return dataset
+    started = time.perf_counter()
+    dataset = dataset.materialize()
+    print(
+        f"[raygan] decoded {data.uri} once into Ray's object store: {data.num_rows} rows, "
+        f"{data.decoded_bytes / 2**20:.0f} MiB in {time.perf_counter() - started:.1f} s",
+        flush=True,
+    )
+    # In memory, a new block order every pass costs nothing.
     return dataset.randomize_block_order()
 
 
@@ -99,7 +142,7 @@ def shard_batches(batch_size: int, shuffle_rows: int | None = None) -> Iterator[
     import ray.train
 
     shard = ray.train.get_dataset_shard(DATASET)
-    buffer = shuffle_rows if shuffle_rows is not None else 4 * batch_size
+    buffer = shuffle_rows if shuffle_rows is not None else max(SHUFFLE_ROWS, 4 * batch_size)
     trace = _shard_trace()
     while True:
         batches = 0
