@@ -26,7 +26,8 @@ from torch import Tensor
 from gan_core.config import ConfigError, GanConfig, load_config, preset_names
 from gan_core.data import Dataset, MixtureDataset, build_dataset
 from gan_core.file_eval import FileEvaluator
-from gan_core.files import FileData, FileStream
+from gan_core.files import FileData
+from gan_core.filestream import FileStream
 from gan_core.metrics import evaluate_samples
 from gan_core.steps import GanModel, build_model, sample_noise, train_step, unwrap
 

@@ -28,11 +28,11 @@ from gan_core.files import (
     POINTS,
     DataError,
     FileData,
-    FileStream,
     decode_image,
     open_file_data,
     to_training,
 )
+from gan_core.filestream import FileStream
 
 HF_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 

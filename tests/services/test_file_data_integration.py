@@ -131,27 +131,26 @@ def test_default_storage_job_through_ray_leaves_its_outputs_where_it_was_started
     assert len([p for p in pictures if p.endswith(".png")]) == 2
 
 
+def _train(tmp_path: Path, *overrides: str) -> dict:
+    """``services.train.main`` in this process on ``overrides``; returns the summary."""
+    summary = tmp_path / "summary.json"
+    args = ["--config", "ring8", "--quiet", "--summary-json", str(summary)]
+    assert train.main([*args, *overrides]) == 0
+    return json.loads(summary.read_text())
+
+
 def test_three_dimensional_points_on_the_local_backend(tmp_path: Path) -> None:
     _points3(tmp_path / "p.parquet")
-    summary_path = tmp_path / "summary.json"
-    rc = train.main(
-        [
-            "--config",
-            "ring8",
-            "--summary-json",
-            str(summary_path),
-            "--quiet",
-            "name=local3",
-            "data.name=parquet",
-            f"data.path={tmp_path / 'p.parquet'}",
-            f"storage.uri={tmp_path / 'runs'}",
-            "resources.backend=local",
-            "train.steps=20",
-            *TINY_POINTS,
-        ]
+    summary = _train(
+        tmp_path,
+        "name=local3",
+        "data.name=parquet",
+        f"data.path={tmp_path / 'p.parquet'}",
+        f"storage.uri={tmp_path / 'runs'}",
+        "resources.backend=local",
+        "train.steps=20",
+        *TINY_POINTS,
     )
-    assert rc == 0
-    summary = json.loads(summary_path.read_text())
     assert summary["steps"] == 20 and np.isfinite(summary["metrics"]["fd"])
     assert (tmp_path / "runs" / "local3" / "samples" / "step_0000020.png").is_file()
 
@@ -169,6 +168,15 @@ def bucket(s3_server: str) -> str:
     if name not in [b["Name"] for b in s3.list_buckets().get("Buckets", [])]:
         s3.create_bucket(Bucket=name)
     return name
+
+
+def _s3_job(endpoint: str, bucket: str, tmp_path: Path) -> list[str]:
+    """Storage on the S3 server (its endpoint also serves the data), MLflow in SQLite."""
+    return [
+        f"storage.uri=s3://{bucket}/runs",
+        f"storage.endpoint={endpoint}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    ]
 
 
 def _s3_env(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
@@ -194,28 +202,18 @@ def test_image_parquet_on_s3_streams_into_two_workers_each_reading_its_shard(
     shards = tmp_path / "shards"
     shards.mkdir()
     monkeypatch.setenv("RAYGAN_SHARD_DIR", str(shards))
-    summary_path = tmp_path / "summary.json"
-    rc = train.main(
-        [
-            "--config",
-            "ring8",
-            "--summary-json",
-            str(summary_path),
-            "name=digits16",
-            "data.name=parquet",
-            f"data.path=s3://{bucket}/digits16/train.parquet",
-            "data.image_size=16",
-            "data.cache_mb=0",  # streamed, decoded as it is read: nothing materialized
-            f"storage.uri=s3://{bucket}/runs",
-            f"storage.endpoint={s3_server}",
-            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-            "resources.num_workers=2",
-            "train.steps=20",
-            *TINY_IMAGES,
-        ]
+    summary = _train(
+        tmp_path,
+        "name=digits16",
+        "data.name=parquet",
+        f"data.path=s3://{bucket}/digits16/train.parquet",
+        "data.image_size=16",
+        "data.cache_mb=0",  # streamed, decoded as it is read: nothing materialized
+        *_s3_job(s3_server, bucket, tmp_path),
+        "resources.num_workers=2",
+        "train.steps=20",
+        *TINY_IMAGES,
     )
-    assert rc == 0
-    summary = json.loads(summary_path.read_text())
     assert summary["steps"] == 20
     assert {"modes", "kl", "fd"} <= set(summary["metrics"]), summary["metrics"]
     # Each worker trained on rows of its own: 20 steps x 32 rows, no row on both ranks.
@@ -238,28 +236,17 @@ def test_image_folder_on_s3_trains_with_its_class_folders_as_labels(
         _s3_env(patch, s3_server)
         written = write_image_folder(digit_images("test", size=8), f"s3://{bucket}/digit-folder")
     assert written["rows"] > 300
-    summary_path = tmp_path / "summary.json"
-    rc = train.main(
-        [
-            "--config",
-            "ring8",
-            "--summary-json",
-            str(summary_path),
-            "--quiet",
-            "name=folder8",
-            "data.name=image_folder",
-            f"data.path=s3://{bucket}/digit-folder",
-            "data.image_size=8",
-            f"storage.uri=s3://{bucket}/runs",
-            f"storage.endpoint={s3_server}",
-            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-            "resources.num_workers=1",
-            "train.steps=10",
-            *TINY_IMAGES,
-        ]
+    summary = _train(
+        tmp_path,
+        "name=folder8",
+        "data.name=image_folder",
+        f"data.path=s3://{bucket}/digit-folder",
+        "data.image_size=8",
+        *_s3_job(s3_server, bucket, tmp_path),
+        "resources.num_workers=1",
+        "train.steps=10",
+        *TINY_IMAGES,
     )
-    assert rc == 0
-    summary = json.loads(summary_path.read_text())
     assert summary["steps"] == 10 and {"modes", "kl", "fd"} <= set(summary["metrics"])
     assert "runs/folder8/samples/step_0000010.png" in _keys(s3_server, bucket, "runs/folder8/")
 
