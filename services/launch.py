@@ -65,7 +65,14 @@ def init_ray(
         logging_level=level,
         configure_logging=True,
         log_to_driver=True,
-        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+        runtime_env={
+            "env_vars": {
+                "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
+                # Ray Data logs two INFO lines per pass over a data set from its coordinator
+                # actor (a 50,000-row file gave 60 of them in one run): quiet unless verbose.
+                **({} if verbose else {"RAY_DATA_LOG_LEVEL": "WARNING"}),
+            }
+        },
     )
 
 
