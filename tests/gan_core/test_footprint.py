@@ -50,7 +50,17 @@ def test_ring8_generator_activations_by_hand() -> None:
     parts = fp.footprint(cfg).parts
     per_g, per_d = 16, 9
     assert parts["train.batch_size"] == 2 * 4 * 10 * (per_g + 2 * per_d)
-    assert parts["eval.samples"] == 4 * (7 * 2 + 7 * per_g)
+    # Evaluation runs without autograd: at most one leaf's input and output are alive (the BN's
+    # 4 in and 4 out), besides the 7 two-coordinate samples kept.
+    assert parts["eval.samples"] == 4 * (7 * 2 + 7 * 8)
+
+
+def test_inference_peak_is_the_largest_input_plus_output_on_a_hand_made_net() -> None:
+    with torch.device("meta"):
+        net = nn.Sequential(nn.Linear(3, 50), nn.ReLU(), nn.Linear(50, 2))
+        # 4 samples: input 12, then outputs 200, 200, 8; the ReLU holds 200 in and 200 out.
+        assert fp._inference_peak(net, torch.zeros(4, 3)) == 400
+        assert fp._activations(net, torch.zeros(4, 3)) == 408
 
 
 def test_batch_and_unroll_scale_the_step_part() -> None:
@@ -91,7 +101,8 @@ def test_the_limit_is_a_parameter() -> None:
     assert fp.check_footprint(cfg, limit=total).total == total
     with pytest.raises(ConfigError) as info:
         fp.check_footprint(cfg, limit=total - 1)
-    assert info.value.key == "eval.samples"  # 2,500 samples of a 4 x 400 G: the largest part
+    # G's 4 x 400 MLP with Adam and an EMA copy: ~9.7 MB, the largest part.
+    assert info.value.key == "generators.width"
 
 
 def test_parquet_shapes_come_from_the_config() -> None:
