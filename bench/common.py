@@ -17,6 +17,23 @@ from typing import Any
 OUT_DIR = Path(__file__).parent / "out"
 
 
+def _cpu_model() -> str:
+    """The CPU's model name and its widest vector unit: MKL picks its kernels by CPU, so the same
+    seed trains to other numbers, at another speed, on another CPU (docs/RESULTS.md)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in info.splitlines() if "model name" in ln), ""
+    )
+    flags = next(
+        (ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []
+    )
+    vector = next((f for f in ("avx512f", "avx2", "avx") if f in flags), "")
+    return f"{model}, {vector}" if model and vector else model
+
+
 def machine() -> dict[str, Any]:
     import torch
 
@@ -27,7 +44,7 @@ def machine() -> dict[str, Any]:
     except OSError:
         commit = ""
     return {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_model() or platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
