@@ -231,7 +231,10 @@ class FileData:
                 count = table.column(name).null_count
                 self.fail(f"column {name!r} has {count} null values", where)
         names = [n for n in self.columns if n != "label"]
-        points = np.stack([table.column(n).to_numpy().astype(np.float32) for n in names], axis=1)
+        # A float64 beyond float32's range casts to inf, which _check_finite then names: the
+        # overflow is the refusal's input, not a warning to print.
+        with np.errstate(over="ignore"):
+            points = np.stack([table.column(n).to_numpy().astype(np.float32) for n in names], 1)
         _check_finite(self, points, f"columns {names}", where)
         return points
 
