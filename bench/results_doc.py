@@ -160,7 +160,7 @@ def protocol_text(quick: bool) -> str:
             "Ray Tune is used where it helps, to search the knobs (`tuning.sweep`, whose report "
             "chose the best configs below); these fixed runs are not a search, and as Tune "
             "trials each run would pay a Ray Train start-up on the same 2 cores "
-            "(`bench.service_speed`: 24 s against 14 s of wall time for one 600-step job), so a "
+            "(`bench.service_speed`: 44 s against 23 s of wall time for one 600-step job), so a "
             "process pool trains them",
         ]
     )
