@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(PY) -m services.train --config ring8_pacgan
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
