@@ -22,7 +22,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# The published mode-coverage tables reproduced (< 1 h on 2 cores); writes docs/RESULTS.md.
+# The published mode-coverage tables reproduced, plus Fashion-MNIST; writes docs/RESULTS.md
+# (the recorded runs: ~49 min of 2 cores on the host that trained them; see README).
 bench: $(STAMP)
 	$(PY) -m bench
 
