@@ -33,8 +33,9 @@ EVAL_METRICS: dict[str, tuple[str, ...]] = {
     "digits": ("modes", "kl", "fd"),
     "stacked_digits": ("modes", "kl", "fd"),
     # File data: the Frechet distance always (raw coordinates for points, a label classifier's
-    # features for labelled images); classes covered and their KL only with a label column.
-    "parquet": ("modes", "kl", "fd"),
+    # features for labelled images); classes covered and their KL only with a label column;
+    # precision, recall, density and coverage (gan_core.manifold) for points.
+    "parquet": ("modes", "kl", "fd", "precision", "recall", "density", "coverage"),
     "image_folder": ("modes", "kl", "fd"),
 }
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "elu")

@@ -1,7 +1,9 @@
 """What an evaluation measures on a user's file data, where no mode centers are known.
 
 - Points: the Frechet distance between the generated samples and the real reference sample, in
-  raw coordinates.
+  raw coordinates, and precision, recall, density and coverage (``gan_core.manifold``: k-NN
+  balls; coverage is the share of real points with a generated one nearby, so a generator that
+  drops a cluster loses its share of coverage, labels or not).
 - Labelled images (a ``label`` column, or an image folder's class subfolders): a small classifier
   is trained on the data set's own labels (``gan_core.classifier.get_label_classifier``, cached on
   disk by a hash of its training rows, so every process of a run and every later run shares it);
@@ -19,6 +21,7 @@ from torch import Tensor
 
 from gan_core.classifier import LABEL_CHANNELS, LABEL_SIDES, LabelClassifier, get_label_classifier
 from gan_core.files import FileData
+from gan_core.manifold import DC_K, RealManifold
 from gan_core.metrics import frechet_distance, label_metrics
 
 # Rows of the data set the classifier learns from and is scored on (a fixed sample, seed 1),
@@ -55,10 +58,17 @@ class FileEvaluator:
     def __init__(self, data: FileData, real: Tensor) -> None:
         self.data, self.real = data, real
         self._classifier: tuple[LabelClassifier, Tensor] | None = None
+        self._manifold: RealManifold | None = None
 
     def __call__(self, samples: Tensor) -> dict[str, float]:
         if self.data.kind == "points":
-            return {"fd": frechet_distance(self.real.numpy(), samples.numpy())}
+            metrics = {"fd": frechet_distance(self.real.numpy(), samples.numpy())}
+            # k-NN balls need more points than k on both sides.
+            if len(self.real) > DC_K and len(samples) > DC_K:
+                if self._manifold is None:  # the real side once per run
+                    self._manifold = RealManifold(self.real)
+                metrics.update(self._manifold.score(samples))
+            return metrics
         if not can_classify(self.data):
             return {}
         if self._classifier is None:

@@ -339,11 +339,14 @@ def format_eval(step: int, total: int, metrics: dict[str, float]) -> str:
         parts += [f"modes {metrics['modes']:.0f}", f"KL {metrics['kl']:.3f}"]
     if "fd" in metrics and "hq_pct" not in metrics:
         parts.append(f"FD {metrics['fd']:.4g}")
+    if "coverage" in metrics:
+        parts.append(f"coverage {metrics['coverage']:.3f} | precision {metrics['precision']:.3f}")
     return " | ".join(parts)
 
 
 def coverage_table(history: list[dict[str, float]]) -> str:
-    keys = [k for k in ("modes", "hq_pct", "reverse_kl", "kl", "fd") if history and k in history[0]]
+    shown = ("modes", "hq_pct", "reverse_kl", "kl", "fd", "coverage", "precision")
+    keys = [k for k in shown if history and k in history[0]]
     header = "| step | " + " | ".join(keys) + " |"
     rows = [header, "|" + "---|" * (len(keys) + 1)]
     for h in history:

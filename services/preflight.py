@@ -35,11 +35,12 @@ def preflight(cfg: GanConfig) -> FileData | None:
     data = open_data(cfg)
     if data is None:
         return None
-    reported = ["fd"] if data.kind == "points" else []
+    points = ["fd", "precision", "recall", "density", "coverage"]
+    reported = points if data.kind == "points" else []
     if can_classify(data):
         reported = ["modes", "kl", "fd"]
     metric = cfg.checkpoint.metric
-    if metric in ("modes", "kl", "fd") and metric not in reported:
+    if metric in ("modes", "kl", *points) and metric not in reported:
         why = (
             "it holds points"
             if data.kind == "points"

@@ -17,8 +17,10 @@ from PIL import Image
 
 from gan_core import data, loop
 from gan_core.config import GanConfig, load_config
+from gan_core.file_eval import FileEvaluator
 from gan_core.files import FileData
 from gan_core.loop import GanRun, LoopHooks, coverage_table, format_eval, main
+from gan_core.manifold import prdc
 from gan_core.metrics import frechet_distance, mixture_metrics
 
 TINY = [
@@ -358,6 +360,33 @@ def test_a_run_on_parquet_points_trains_and_reports_the_frechet_distance(points_
     gap = real.numpy().mean(0) - samples.mean(0)
     assert metrics["fd"] >= float(gap @ gap) - 1e-9
     assert f"FD {metrics['fd']:.4g}" in format_eval(10, 10, metrics)
+    # Label-free coverage of the same samples against the same real points.
+    expected = prdc(real, samples)
+    for key in ("precision", "recall", "density", "coverage"):
+        assert metrics[key] == pytest.approx(expected[key])
+    assert f"coverage {metrics['coverage']:.3f}" in format_eval(10, 10, metrics)
+
+
+def test_coverage_of_file_points_counts_the_clusters_a_generator_drops(tmp_path: Path):
+    # Real: 4,000 ring-8 points in a Parquet file, no labels. A "generator" that draws only three
+    # of the eight clusters covers about 3/8 of the real points' k-NN balls, at full precision.
+    ring = data.ring8()
+    real_points = ring.sample(4000, torch.Generator().manual_seed(0)).numpy()
+    path = tmp_path / "ring.parquet"
+    pq.write_table(pa.table({"x": real_points[:, 0], "y": real_points[:, 1]}), path)
+    run = GanRun(
+        load_config(
+            "ring8", [*FILE_TINY, "data.name=parquet", f"data.path={path}", "eval.samples=4000"]
+        )
+    )
+    real, _ = run.real_reference()
+    evaluator = FileEvaluator(run.dataset, real)
+    draw, labels = ring.sample_with_labels(16000, torch.Generator().manual_seed(1))
+    collapsed = evaluator(draw[labels < 3][:3000])
+    assert collapsed["coverage"] == pytest.approx(3 / 8, abs=0.05)
+    assert collapsed["precision"] > 0.95
+    whole = evaluator(draw[:3000])
+    assert whole["coverage"] > 0.9 and whole["recall"] > 0.9
 
 
 def test_resume_on_file_data_restores_the_data_position(points_path: str):

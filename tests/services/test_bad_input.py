@@ -435,3 +435,24 @@ def test_label_metric_without_labels_is_refused(
         "checkpoint.metric='modes' is invalid",
         "no labels",
     )
+
+
+def test_point_metric_on_images_is_refused(
+    tmp_path: Path, storage: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Coverage is computed on points only (images need a feature space): a Parquet of images
+    # asked to rank checkpoints by it is refused before any worker starts, naming what it reports.
+    path = tmp_path / "images.parquet"
+    pq.write_table(pa.table({"image": [{"bytes": _png(), "path": "a.png"}] * 4}), path)
+    _refused(
+        capsys,
+        [
+            "data.name=parquet",
+            f"data.path={path}",
+            f"storage.uri={storage}",
+            "checkpoint.metric=coverage",
+            *IMAGES,
+        ],
+        "checkpoint.metric='coverage' is invalid",
+        "reports (none: no labels",
+    )
