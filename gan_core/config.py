@@ -25,6 +25,11 @@ DATASETS = ("ring8", "grid25", "digits", "stacked_digits", "parquet", "image_fol
 FILE_DATA = ("parquet", "image_folder")
 OBJECTIVES = ("minimax", "nonsaturating", "wgan-gp", "dragan", "ebgan", "madgan", "mrgan")
 ARCHS = ("mlp", "dcgan")
+# File data (gan_core.file_eval): points report the Frechet distance in raw coordinates and the
+# k-NN measures of gan_core.manifold; labelled images the classes a classifier of their own labels
+# sees, the KL to the real class frequencies and the Frechet distance in its features.
+POINT_METRICS = ("fd", "precision", "recall", "density", "coverage")
+LABEL_METRICS = ("modes", "kl", "fd")
 # The evaluation metrics each dataset reports (gan_core.metrics): checkpoint.metric may name one
 # of its own data's, or a training metric (d_loss, g_loss, step, ...), which every run reports.
 EVAL_METRICS: dict[str, tuple[str, ...]] = {
@@ -32,11 +37,9 @@ EVAL_METRICS: dict[str, tuple[str, ...]] = {
     "grid25": ("modes", "hq_pct", "reverse_kl"),
     "digits": ("modes", "kl", "fd"),
     "stacked_digits": ("modes", "kl", "fd"),
-    # File data: the Frechet distance always (raw coordinates for points, a label classifier's
-    # features for labelled images); classes covered and their KL only with a label column;
-    # precision, recall, density and coverage (gan_core.manifold) for points.
-    "parquet": ("modes", "kl", "fd", "precision", "recall", "density", "coverage"),
-    "image_folder": ("modes", "kl", "fd"),
+    # File data: what it reports depends on what the files hold (services/preflight.py checks).
+    "parquet": tuple(dict.fromkeys(LABEL_METRICS + POINT_METRICS)),
+    "image_folder": LABEL_METRICS,
 }
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "elu")
 OPTIMIZERS = ("adam", "sgd")

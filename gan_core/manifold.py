@@ -62,11 +62,10 @@ def kth_neighbour_distances(x: Tensor, ks: tuple[int, ...], block: int = BLOCK_R
 
 def _ball_hits(
     queries: Tensor, centres: Tensor, radii: Tensor, block: int = BLOCK_ROWS
-) -> tuple[Tensor, Tensor, Tensor]:
-    """For balls of ``radii`` (one set of balls per row) around ``centres``: per set, whether
-    each query lies in at least one ball and how many balls hold it; and each centre's distance
-    to its nearest query (a ball holds a query when that distance is within its radius). One
-    distance block serves every set of radii."""
+) -> tuple[Tensor, Tensor]:
+    """For balls of ``radii`` (one set of balls per row) around ``centres``: per set, how many
+    balls hold each query; and each centre's distance to its nearest query (a ball holds a query
+    when that distance is within its radius). One distance block serves every set of radii."""
     sets = radii.shape[0]
     holding = torch.zeros(sets, queries.shape[0], dtype=torch.int32)
     nearest_query = torch.full((centres.shape[0],), float("inf"))
@@ -78,7 +77,7 @@ def _ball_hits(
             )
         # A row reduction of the block is far cheaper than a column "any" per set of radii.
         torch.minimum(nearest_query, d.amin(dim=0), out=nearest_query)
-    return holding > 0, holding, nearest_query
+    return holding, nearest_query
 
 
 class RealManifold:
@@ -106,12 +105,12 @@ class RealManifold:
             )
         # Both sets of real balls in one pass over the fake-to-real distances.
         radii = torch.stack([self.pr_radii, self.dc_radii])
-        in_real, holding, nearest_fake = _ball_hits(fake, self.real, radii, self.block)
+        holding, nearest_fake = _ball_hits(fake, self.real, radii, self.block)
         (fake_radii,) = kth_neighbour_distances(fake, (self.pr_k,), self.block)
-        in_fake, _, _ = _ball_hits(self.real, fake, fake_radii[None, :], self.block)
+        covered, _ = _ball_hits(self.real, fake, fake_radii[None, :], self.block)
         return {
-            "precision": in_real[0].float().mean().item(),
-            "recall": in_fake[0].float().mean().item(),
+            "precision": (holding[0] > 0).float().mean().item(),
+            "recall": (covered[0] > 0).float().mean().item(),
             "density": holding[1].sum().item() / (self.dc_k * fake.shape[0]),
             "coverage": (nearest_fake <= self.dc_radii).float().mean().item(),
         }

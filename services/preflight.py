@@ -11,7 +11,7 @@ is refused here first, as a ``DataError`` naming the path, the problem and the e
 
 from __future__ import annotations
 
-from gan_core.config import FILE_DATA, ConfigError, GanConfig
+from gan_core.config import FILE_DATA, LABEL_METRICS, POINT_METRICS, ConfigError, GanConfig
 from gan_core.file_eval import can_classify, label_classifier
 from gan_core.files import DataError, FileData, open_file_data
 from services.storage import s3_filesystem
@@ -35,12 +35,11 @@ def preflight(cfg: GanConfig) -> FileData | None:
     data = open_data(cfg)
     if data is None:
         return None
-    points = ["fd", "precision", "recall", "density", "coverage"]
-    reported = points if data.kind == "points" else []
+    reported: tuple[str, ...] = POINT_METRICS if data.kind == "points" else ()
     if can_classify(data):
-        reported = ["modes", "kl", "fd"]
+        reported = LABEL_METRICS
     metric = cfg.checkpoint.metric
-    if metric in ("modes", "kl", *points) and metric not in reported:
+    if metric in LABEL_METRICS + POINT_METRICS and metric not in reported:
         why = (
             "it holds points"
             if data.kind == "points"
