@@ -126,6 +126,14 @@ def processes() -> dict[int, tuple[int, str]]:
     return out
 
 
+def _title(cmdline: str) -> str:
+    """A short title for a command line: the program's base name and its arguments, so that a
+    long interpreter path (a virtual environment deep in a CI checkout) does not crowd out
+    what the process runs."""
+    program, _, args = cmdline.partition(" ")
+    return f"{os.path.basename(program)} {args}".strip()[:80]
+
+
 def descendants(root: int, table: dict[int, tuple[int, str]]) -> list[int]:
     """``root`` and every process below it in ``table``."""
     children: dict[int, list[int]] = {}
@@ -218,7 +226,7 @@ class Sampler(threading.Thread):
                 rows.append((pid, role, rss, uss, shm))
                 seen = self.titles.setdefault(role, set())
                 if len(seen) < 12:
-                    seen.add(table[pid][1][:60])
+                    seen.add(_title(table[pid][1]))
         info = meminfo()
         if spill and self.spill_root is not None:
             self._spilled = folder_bytes(self.spill_root, "spill")

@@ -33,6 +33,15 @@ def test_descendants_walk_the_whole_tree_and_nothing_else():
     assert descendants(99, table) == []
 
 
+def test_a_title_keeps_what_a_process_runs_behind_a_long_interpreter_path():
+    deep = "/" + "/".join(["checkout"] * 12) + "/.venv/bin/python"
+    assert streaming._title(f"{deep} -c import time; time.sleep(60)") == (
+        "python -c import time; time.sleep(60)"
+    )
+    assert streaming._title("ray::RayTrainWorker.train") == "ray::RayTrainWorker.train"
+    assert len(streaming._title("x " + "y" * 500)) == 80
+
+
 def test_memory_of_this_process_and_the_sampler_sees_a_child():
     rss, uss, shm = memory_of(os.getpid())
     assert rss > 10 * MiB and 0 < uss <= rss and shm >= 0
