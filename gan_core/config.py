@@ -25,22 +25,27 @@ DATASETS = ("ring8", "grid25", "digits", "stacked_digits", "parquet", "image_fol
 FILE_DATA = ("parquet", "image_folder")
 OBJECTIVES = ("minimax", "nonsaturating", "wgan-gp", "dragan", "ebgan", "madgan", "mrgan")
 ARCHS = ("mlp", "dcgan")
-# File data (gan_core.file_eval): points report the Frechet distance in raw coordinates and the
-# k-NN measures of gan_core.manifold; labelled images the classes a classifier of their own labels
-# sees, the KL to the real class frequencies and the Frechet distance in its features.
+# Every data set, labelled or not, reports the Frechet distance and the k-NN measures of
+# gan_core.manifold: in raw coordinates for points, in the feature space eval.features picks for
+# images. Labelled data (mode centres, digit classes, a file's label column) also reports the
+# modes a classifier sees and a KL over them (file data: services/preflight.py checks which).
 POINT_METRICS = ("fd", "precision", "recall", "density", "coverage")
 LABEL_METRICS = ("modes", "kl", "fd")
 # The evaluation metrics each dataset reports (gan_core.metrics): checkpoint.metric may name one
 # of its own data's, or a training metric (d_loss, g_loss, step, ...), which every run reports.
 EVAL_METRICS: dict[str, tuple[str, ...]] = {
-    "ring8": ("modes", "hq_pct", "reverse_kl"),
-    "grid25": ("modes", "hq_pct", "reverse_kl"),
-    "digits": ("modes", "kl", "fd"),
-    "stacked_digits": ("modes", "kl", "fd"),
+    "ring8": ("modes", "hq_pct", "reverse_kl", *POINT_METRICS),
+    "grid25": ("modes", "hq_pct", "reverse_kl", *POINT_METRICS),
+    "digits": tuple(dict.fromkeys(LABEL_METRICS + POINT_METRICS)),
+    "stacked_digits": tuple(dict.fromkeys(LABEL_METRICS + POINT_METRICS)),
     # File data: what it reports depends on what the files hold (services/preflight.py checks).
     "parquet": tuple(dict.fromkeys(LABEL_METRICS + POINT_METRICS)),
-    "image_folder": LABEL_METRICS,
+    "image_folder": tuple(dict.fromkeys(LABEL_METRICS + POINT_METRICS)),
 }
+# eval.features: the space image metrics are computed in (gan_core.features), or a TorchScript
+# file (a path ending in TORCHSCRIPT_SUFFIX, local or s3://). Points always use raw coordinates.
+EVAL_FEATURES = ("auto", "labels", "digits", "random")
+TORCHSCRIPT_SUFFIX = ".pt"
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "elu")
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -184,6 +189,9 @@ class EvalConfig:
     every: int = 1000  # steps between evaluations
     samples: int = 2500  # generated samples scored per evaluation
     grid: int = 64  # samples in the fixed-noise grid / scatter
+    # Feature space of the image metrics (docs/METRICS.md): auto | labels | digits | random | a
+    # TorchScript file (*.pt, local or s3://). auto = labels with a label column, else random.
+    features: str = "auto"
 
 
 @dataclass
@@ -217,6 +225,13 @@ class TrackingConfig:
     enabled: bool = True
     uri: str = ""  # empty = MLFLOW_TRACKING_URI or sqlite:///<storage>/mlflow.db
     experiment: str = "raygan"
+    # Registered model name for the run's generator (services/model_log.py); empty = not registered.
+    register_as: str = ""
+
+
+# What MLflow's registry and ``models:/NAME/latest`` URIs accept, minus characters that a shell,
+# a URI or a file name would trip over.
+REGISTERED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 @dataclass
@@ -527,6 +542,36 @@ def checkpoint_metric(cfg: GanConfig) -> tuple[str, str]:
     return ("modes", "max") if labelled else ("step", "max")
 
 
+def _check_features(cfg: GanConfig, file_images: bool, source: str) -> None:
+    """eval.features: a known name or a TorchScript path, and one the data's kind can use."""
+    value = cfg.eval.features
+    _check(
+        value in EVAL_FEATURES
+        or (value.endswith(TORCHSCRIPT_SUFFIX) and len(value) > len(TORCHSCRIPT_SUFFIX)),
+        "eval.features",
+        value,
+        f"one of {', '.join(EVAL_FEATURES)}, or a TorchScript file path ending in "
+        f"{TORCHSCRIPT_SUFFIX} (local or s3://)",
+        source,
+    )
+    points = cfg.data.name in POINT_DATA or (cfg.data.name == "parquet" and not file_images)
+    # Points are scored in their own coordinates: a feature space asked of them would be ignored.
+    _check(
+        value == "auto" or not points,
+        "eval.features",
+        value,
+        f"auto for point data (data.name={cfg.data.name}: metrics in raw coordinates)",
+        source,
+    )
+    _check(
+        value in ("auto", "digits") or cfg.data.name not in ("digits", "stacked_digits"),
+        "eval.features",
+        value,
+        f"auto or digits for data.name={cfg.data.name} (the digit classifier's features)",
+        source,
+    )
+
+
 def validate(cfg: GanConfig, source: str = "<config>") -> None:
     """Range and combination checks that types alone cannot express."""
     g, d, o, t = cfg.generators, cfg.discriminator, cfg.objective, cfg.train
@@ -636,6 +681,7 @@ def validate(cfg: GanConfig, source: str = "<config>") -> None:
     _check(cfg.eval.every >= 1, "eval.every", cfg.eval.every, ">= 1", source)
     _check(cfg.eval.samples >= 1, "eval.samples", cfg.eval.samples, ">= 1", source)
     _check(cfg.eval.grid >= 1, "eval.grid", cfg.eval.grid, ">= 1", source)
+    _check_features(cfg, file_images, source)
     r = cfg.resources
     _one_of("resources.backend", r.backend, ("ray", "local"), source)
     _check(r.num_workers >= 1, "resources.num_workers", r.num_workers, ">= 1", source)
@@ -666,6 +712,22 @@ def validate(cfg: GanConfig, source: str = "<config>") -> None:
         cfg.name,
         "a non-empty name without '/', '\\' or control characters, other than '.' and '..' "
         "(it names the run's folder under storage.uri)",
+        source,
+    )
+    register_as = cfg.tracking.register_as
+    _check(
+        not register_as or REGISTERED_NAME.fullmatch(register_as) is not None,
+        "tracking.register_as",
+        register_as,
+        "empty (no registry) or a model name of 1-128 letters, digits, '_', '.', '-', starting "
+        "with a letter or digit",
+        source,
+    )
+    _check(
+        not register_as or cfg.tracking.enabled,
+        "tracking.register_as",
+        register_as,
+        "empty when tracking.enabled=false (registering needs the run's MLflow run)",
         source,
     )
     _check(

@@ -28,7 +28,7 @@ from gan_core.data import Dataset, MixtureDataset, build_dataset
 from gan_core.file_eval import FileEvaluator
 from gan_core.files import FileData
 from gan_core.filestream import FileStream
-from gan_core.metrics import evaluate_samples
+from gan_core.metrics import SampleEvaluator
 from gan_core.steps import GanModel, build_model, sample_noise, train_step, unwrap
 
 # Offsets keep the streams of one seed apart: data, training noise, evaluation noise, grid noise.
@@ -97,7 +97,7 @@ class GanRun:
         if isinstance(self.dataset, FileData) and self.batches is None:
             self.stream = FileStream(self.dataset, self.cfg.seed, self.rank, self.world_size)
         self._reference: tuple[Tensor, Tensor | None] | None = None
-        self._evaluator: FileEvaluator | None = None
+        self._evaluator: FileEvaluator | SampleEvaluator | None = None
         grid_n = max(self.cfg.eval.grid // self.cfg.generators.count, 1)
         self.grid_noise = self._noise(
             grid_n * self.cfg.generators.count, _stream(self.cfg.seed, _GRID)
@@ -155,38 +155,43 @@ class GanRun:
         return self._reference
 
     def evaluate(self) -> dict[str, float]:
-        """Mode-coverage metrics of the (EMA) generator on ``eval.samples`` samples; for file
-        data those of ``gan_core.file_eval`` against the real reference."""
+        """Metrics of the (EMA) generator on ``eval.samples`` samples against the real
+        reference: mode coverage where the data has modes (``gan_core.metrics``; file data:
+        ``gan_core.file_eval``), and everywhere fd, precision, recall, density and coverage."""
         started = time.perf_counter()
         samples = self.generate(self.cfg.eval.samples)
-        if isinstance(self.dataset, FileData):
-            metrics = self._file_metrics(samples)
-        else:
-            real = self.real_reference()[0] if self.dataset.kind == "images" else None
-            metrics = evaluate_samples(self.cfg.data.name, samples, real)
+        if self._evaluator is None:  # the real side (features, k-NN balls) once per run
+            real = self.real_reference()[0]
+            if isinstance(self.dataset, FileData):
+                self._evaluator = FileEvaluator(self.dataset, real, self.cfg.eval.features)
+            else:
+                self._evaluator = SampleEvaluator(self.cfg.data.name, real)
+        metrics = self._evaluator(samples)
         metrics["eval_seconds"] = time.perf_counter() - started
         return metrics
 
-    def _file_metrics(self, samples: Tensor) -> dict[str, float]:
-        if self._evaluator is None:
-            self._evaluator = FileEvaluator(self.dataset, self.real_reference()[0])
-        return self._evaluator(samples)
-
     def save_images(self, folder: str | Path, tag: str) -> list[Path]:
-        """The fixed-noise grid (images); for points, samples over the mode centers (2D
-        mixtures) or over real data (file data: a scatter in 2D, pairwise projections above)."""
+        """One PNG, ``folder/tag.png``. Images: the fixed-noise grid beside as many real images
+        (the real reference). 2D mixtures: samples over the mode centers beside the share of
+        samples nearest each mode. File points: the real data's 2D histogram beside the
+        samples' (first two coordinates), and the samples over the real data."""
         # Imported here: matplotlib is slow to import and only needed when drawing.
-        from gan_core.images import save_grid, save_points, save_scatter
+        from gan_core.images import save_grid_pair, save_points, save_scatter
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        samples = self.model.sample(self.grid_noise).cpu()
         if self.dataset.kind == "images":
-            return [save_grid(samples, folder / f"{tag}.png")]
+            samples = self.model.sample(self.grid_noise).cpu()
+            real = self.real_reference()[0][: len(samples)]
+            return [save_grid_pair(samples, real, folder / f"{tag}.png")]
         points = self.generate(self.cfg.eval.samples)
         title = f"{self.cfg.name} {tag}"
         if isinstance(self.dataset, MixtureDataset):
-            return [save_scatter(points, self.dataset.centers, folder / f"{tag}.png", title)]
+            # 3 std: the radius within which gan_core.metrics.mixture_metrics counts a sample as
+            # high quality, so the "off" bar is 100 - hq_pct.
+            radius = 3 * self.dataset.std
+            path = folder / f"{tag}.png"
+            return [save_scatter(points, self.dataset.centers, path, title, radius=radius)]
         real = self.real_reference()[0]
         return [save_points(points, real, folder / f"{tag}.png", title=title)]
 

@@ -4,6 +4,9 @@
 - Stacked digits / digits: a fixed digit classifier labels each channel; modes captured and
   KL(generated || uniform) over the 1,000 (or 10) label combinations.
 - Frechet distance between Gaussian fits of the classifier's penultimate features.
+- On every data set, against a real reference sample: precision, recall, density and coverage
+  (``gan_core.manifold``) and the Frechet distance, in raw coordinates for the mixtures and in
+  the digit classifier's features for digits. ``SampleEvaluator`` computes the real side once.
 
 All functions take torch tensors or numpy arrays and return plain Python floats, so the results
 can go straight into JSON, Ray reports and MLflow.
@@ -17,6 +20,7 @@ from torch import Tensor
 
 from gan_core import data
 from gan_core.classifier import DigitClassifier, LabelClassifier, get_classifier, single_thread
+from gan_core.manifold import DC_K, RealManifold
 
 # Data names evaluate_samples understands, with the per-sample shape each expects.
 SAMPLE_SHAPES: dict[str, tuple[int, ...]] = {
@@ -81,18 +85,30 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
 
     ``feats_*`` are ``(n, d)`` (a 1-D array is n scalars).
     """
-    a, b = (np.asarray(f, dtype=np.float64).reshape(len(f), -1) for f in (feats_a, feats_b))
-    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
-    cov_a = np.atleast_2d(np.cov(a, rowvar=False))
-    cov_b = np.atleast_2d(np.cov(b, rowvar=False))
-    diff = mu_a - mu_b
-    trace_sqrt = _trace_sqrt_product(cov_a, cov_b)
-    distance = diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_sqrt
-    # Identical sets can come out a hair below 0 from rounding; the distance itself never is.
-    return max(float(distance), 0.0)
+    return _GaussianFit(feats_a).distance(feats_b)
 
 
-def _trace_sqrt_product(cov_a: np.ndarray, cov_b: np.ndarray) -> float:
+class _GaussianFit:
+    """Mean, covariance and covariance square root of a set of features, fitted once: the
+    Frechet distance of many generated sets to one real set then needs no refit of the real."""
+
+    def __init__(self, feats: np.ndarray | Tensor) -> None:
+        a = _numpy(feats).reshape(len(feats), -1)
+        self.mu, self.cov = a.mean(axis=0), np.atleast_2d(np.cov(a, rowvar=False))
+        eig, vec = np.linalg.eigh(self.cov)
+        self.root = (vec * np.sqrt(eig.clip(min=0))) @ vec.T
+
+    def distance(self, feats: np.ndarray | Tensor) -> float:
+        b = _numpy(feats).reshape(len(feats), -1)
+        mu_b, cov_b = b.mean(axis=0), np.atleast_2d(np.cov(b, rowvar=False))
+        diff = self.mu - mu_b
+        trace_sqrt = _trace_sqrt_product(self.root, cov_b)
+        distance = diff @ diff + np.trace(self.cov) + np.trace(cov_b) - 2 * trace_sqrt
+        # Identical sets can come out a hair below 0 from rounding; the distance itself never is.
+        return max(float(distance), 0.0)
+
+
+def _trace_sqrt_product(root_a: np.ndarray, cov_b: np.ndarray) -> float:
     """Tr sqrt(S_a S_b), from the eigenvalues of the symmetric sqrt(S_a) S_b sqrt(S_a).
 
     Both matrices have the same eigenvalues, so this equals the real part of
@@ -100,10 +116,53 @@ def _trace_sqrt_product(cov_a: np.ndarray, cov_b: np.ndarray) -> float:
     collapsed generator always does); there sqrtm of the non-symmetric product warned and took
     seconds, while symmetric eigendecompositions stay fast and accurate.
     """
-    eig_a, vec_a = np.linalg.eigh(cov_a)
-    root_a = (vec_a * np.sqrt(eig_a.clip(min=0))) @ vec_a.T
     eig = np.linalg.eigvalsh(root_a @ cov_b @ root_a)
     return float(np.sqrt(eig.clip(min=0)).sum())
+
+
+class RealFeatures:
+    """The real side of "fd" and of precision, recall, density and coverage, computed once.
+
+    ``real`` are the real samples' features (raw coordinates for points), ``(n, d)``. Exact
+    duplicate rows are dropped first: a reference drawn with replacement from a small set (the
+    digits) would otherwise give balls of radius 0 around any row drawn more than k times. The
+    k-NN measures need more than DC_K distinct real rows and generated samples; below that only
+    "fd" is reported."""
+
+    def __init__(self, real: Tensor | np.ndarray) -> None:
+        feats = torch.as_tensor(real).detach().to("cpu", torch.float32)
+        self.feats = feats.reshape(len(feats), -1)
+        self.fit = _GaussianFit(self.feats)
+        distinct = torch.unique(self.feats, dim=0)
+        self.manifold = RealManifold(distinct) if len(distinct) > DC_K else None
+
+    def score(self, fake: Tensor | np.ndarray) -> dict[str, float]:
+        """ "fd", and precision, recall, density and coverage, of generated features ``fake``."""
+        fake = torch.as_tensor(fake).detach().to("cpu", torch.float32).reshape(len(fake), -1)
+        finite = torch.isfinite(fake).all(dim=1)
+        # A Gaussian fit of samples with a NaN is undefined: NaN, as a loss would be.
+        metrics = {"fd": self.fit.distance(fake) if bool(finite.all()) else float("nan")}
+        if self.manifold is not None and len(fake) > DC_K:
+            if bool(finite.all()):
+                metrics.update(self.manifold.score(fake))
+            else:
+                # A diverged generator's NaN samples are in no ball and hold none; the k-NN
+                # measures stay defined (and low) instead of failing the evaluation.
+                metrics.update(_prdc_with_nonfinite(self.manifold, fake[finite], len(fake)))
+        return metrics
+
+
+def _prdc_with_nonfinite(manifold: RealManifold, finite: Tensor, total: int) -> dict[str, float]:
+    if len(finite) <= DC_K:
+        return {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0}
+    got = manifold.score(finite)
+    share = len(finite) / total  # precision and density are per generated sample
+    return {
+        "precision": got["precision"] * share,
+        "recall": got["recall"],
+        "density": got["density"] * share,
+        "coverage": got["coverage"],
+    }
 
 
 def image_frechet_distance(
@@ -121,25 +180,48 @@ def image_frechet_distance(
 def evaluate_samples(
     data_name: str, samples: Tensor | np.ndarray, real: Tensor | np.ndarray | None = None
 ) -> dict[str, float]:
-    """The metrics for ``data_name``'s protocol; with ``real`` images, also their "fd".
+    """The metrics for ``data_name``'s protocol; with ``real`` samples, also "fd" and
+    precision, recall, density and coverage against them (one-off ``SampleEvaluator``).
 
     Raises ValueError for an unknown data name or samples of the wrong shape.
     """
-    if data_name not in SAMPLE_SHAPES:
-        raise ValueError(f"data name {data_name!r} is not evaluable; allowed: {DATA_NAMES}")
-    _check_shape("samples", samples, data_name)
-    if data_name in ("ring8", "grid25"):
-        mixture = data.ring8() if data_name == "ring8" else data.grid25()
-        return mixture_metrics(samples, mixture.centers, mixture.std)
-    if real is not None:
-        _check_shape("real", real, data_name)
-    model = get_classifier()
-    # The generated samples' features serve both the mode labels and the distance: embed once.
-    fake_feats = _channel_features(samples, model)
-    metrics = _mode_metrics(_labels(fake_feats, model))
-    if real is not None:
-        metrics["fd"] = _feature_distance(_channel_features(real, model), fake_feats)
-    return metrics
+    return SampleEvaluator(data_name, real)(samples)
+
+
+class SampleEvaluator:
+    """``evaluate_samples`` for one data set and one real reference, whose side (features, fit,
+    k-NN balls) is computed here once and reused at every call: a run builds one."""
+
+    def __init__(self, data_name: str, real: Tensor | np.ndarray | None = None) -> None:
+        if data_name not in SAMPLE_SHAPES:
+            raise ValueError(f"data name {data_name!r} is not evaluable; allowed: {DATA_NAMES}")
+        self.data_name = data_name
+        self.points = data_name in ("ring8", "grid25")
+        if real is not None:
+            _check_shape("real", real, data_name)
+        if self.points:
+            self.mixture = data.ring8() if data_name == "ring8" else data.grid25()
+        else:
+            self.model = get_classifier()
+        self.real: RealFeatures | None = None
+        if real is not None:
+            self.real = RealFeatures(_as_tensor(real) if self.points else self._feats(real))
+
+    def _feats(self, images: Tensor | np.ndarray) -> Tensor:
+        return _channel_features(images, self.model)
+
+    def __call__(self, samples: Tensor | np.ndarray) -> dict[str, float]:
+        _check_shape("samples", samples, self.data_name)
+        if self.points:
+            metrics = mixture_metrics(samples, self.mixture.centers, self.mixture.std)
+            feats = _as_tensor(samples)
+        else:
+            # The generated samples' features serve both the mode labels and the distance.
+            feats = self._feats(samples)
+            metrics = _mode_metrics(_labels(feats, self.model))
+        if self.real is not None:
+            metrics.update(self.real.score(feats.flatten(1)))
+        return metrics
 
 
 def _check_shape(what: str, values: Tensor | np.ndarray, data_name: str) -> None:

@@ -12,7 +12,7 @@ is refused here first, as a ``DataError`` naming the path, the problem and the e
 from __future__ import annotations
 
 from gan_core.config import FILE_DATA, LABEL_METRICS, POINT_METRICS, ConfigError, GanConfig
-from gan_core.file_eval import can_classify, label_classifier
+from gan_core.file_eval import can_classify, file_extractor, label_classifier
 from gan_core.files import DataError, FileData, open_file_data
 from services.storage import s3_filesystem
 
@@ -35,9 +35,11 @@ def preflight(cfg: GanConfig) -> FileData | None:
     data = open_data(cfg)
     if data is None:
         return None
-    reported: tuple[str, ...] = POINT_METRICS if data.kind == "points" else ()
+    # Every file data set reports the k-NN measures and fd (images: in eval.features' space);
+    # modes and kl need labels the label classifier takes.
+    reported: tuple[str, ...] = POINT_METRICS
     if can_classify(data):
-        reported = LABEL_METRICS
+        reported = tuple(dict.fromkeys(LABEL_METRICS + POINT_METRICS))
     metric = cfg.checkpoint.metric
     if metric in LABEL_METRICS + POINT_METRICS and metric not in reported:
         why = (
@@ -52,8 +54,15 @@ def preflight(cfg: GanConfig) -> FileData | None:
             "training metric (d_loss, g_loss, step), or empty for the latest",
             "preflight",
         )
+    classifier = None
     if can_classify(data):
         # Trained (or loaded) here, once: the workers then load it from the cache instead of
         # each training the same classifier at their first evaluation.
-        label_classifier(data)
+        classifier = label_classifier(data)[0]
+    # eval.features is checked against the data (labels for 'labels', 8x8 for 'digits', points
+    # take 'auto' only) and a TorchScript extractor loaded and run on a test batch: a bad one
+    # fails here, naming the key and the value, not in every worker at its first evaluation.
+    features = cfg.eval.features
+    filesystem = s3_filesystem(cfg.storage) if features.startswith("s3://") else None
+    file_extractor(data, features, filesystem, classifier)
     return data

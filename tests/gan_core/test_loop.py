@@ -195,13 +195,18 @@ def test_should_stop_stops_and_run_continues_later():
 
 def test_evaluate_ring8_scores_the_ema_samples(monkeypatch):
     scored: list[torch.Tensor] = []
-    score = loop.evaluate_samples
+    built: list[torch.Tensor] = []
 
-    def spy(name, samples, real=None):
-        scored.append(samples)
-        return score(name, samples, real)
+    class Spy(loop.SampleEvaluator):
+        def __init__(self, name, real=None):
+            built.append(real)
+            super().__init__(name, real)
 
-    monkeypatch.setattr(loop, "evaluate_samples", spy)
+        def __call__(self, samples):
+            scored.append(samples)
+            return super().__call__(samples)
+
+    monkeypatch.setattr(loop, "SampleEvaluator", Spy)
     run = GanRun(tiny("ring8", "train.ema=0.5"))
     run.train_step()
     metrics = run.evaluate()
@@ -210,9 +215,27 @@ def test_evaluate_ring8_scores_the_ema_samples(monkeypatch):
     mixture = data.ring8()
     expected = mixture_metrics(scored[0], mixture.centers, mixture.std)
     assert {k: metrics[k] for k in expected} == pytest.approx(expected)
-    assert set(metrics) == {"modes", "hq_pct", "reverse_kl", "eval_seconds"}
+    # The label-free measures and fd, in raw coordinates against the fixed real reference.
+    real = run.real_reference()[0]
+    assert torch.equal(built[0], real)
+    expected = {"fd": frechet_distance(real.numpy(), scored[0].numpy()), **prdc(real, scored[0])}
+    assert {k: metrics[k] for k in expected} == pytest.approx(expected)
+    assert set(metrics) == {
+        "modes",
+        "hq_pct",
+        "reverse_kl",
+        "fd",
+        "precision",
+        "recall",
+        "density",
+        "coverage",
+        "eval_seconds",
+    }
     assert all(type(v) is float for v in metrics.values())
     assert 0 <= metrics["modes"] <= 8 and 0 <= metrics["hq_pct"] <= 100
+    run.train_step()
+    run.evaluate()
+    assert len(built) == 1 and len(scored) == 2  # the real side once per run
 
 
 def test_generate_exactly_n_from_a_fixed_stream():

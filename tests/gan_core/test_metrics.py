@@ -9,9 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+from gan_core import metrics as metrics_module
 from gan_core.classifier import DigitClassifier
 from gan_core.data import StackedDigitsDataset, grid25, load_digits, ring8
+from gan_core.features import digit_features
+from gan_core.manifold import prdc
 from gan_core.metrics import (
+    RealFeatures,
+    SampleEvaluator,
     digits_metrics,
     evaluate_samples,
     frechet_distance,
@@ -207,6 +212,7 @@ def test_image_frechet_distance_separates_real_from_collapsed(
 def test_evaluate_samples_dispatches_mixtures() -> None:
     grid = grid25()
     samples = grid.sample(2500, gen())
+    # Without a real reference: the mode protocol alone.
     assert evaluate_samples("grid25", samples) == mixture_metrics(samples, grid.centers, grid.std)
     assert evaluate_samples("ring8", on_centers([5] * 8).numpy())["modes"] == 8
 
@@ -219,7 +225,10 @@ def test_evaluate_samples_stacked_digits_with_real(
     metrics = evaluate_samples("stacked_digits", fake, real=real)
     expected = stacked_digits_metrics(fake, digit_classifier)
     expected["fd"] = image_frechet_distance(real, fake, digit_classifier)
+    # The k-NN measures in the same features: each channel's 64, concatenated.
+    expected.update(prdc(digit_features(real), digit_features(fake)))
     assert metrics == pytest.approx(expected)
+    assert metrics["coverage"] > 0.8 and metrics["precision"] > 0.8
     assert evaluate_samples("digits", load_digits("test")[0])["modes"] == 10
 
 
@@ -230,3 +239,72 @@ def test_evaluate_samples_rejects_unknown_names_and_shapes(tmp_path: Path) -> No
         evaluate_samples("ring8", torch.zeros(3, 3))
     with pytest.raises(ValueError, match=r"shape \(0, 2\)"):
         evaluate_samples("grid25", np.zeros((0, 2)))
+
+
+# --- label-free measures on the mixtures (raw coordinates) ----------------------------------------
+
+
+def _ring_draws(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return RING.sample_with_labels(n, gen(seed))
+
+
+def test_ring8_against_its_own_draws_scores_near_one() -> None:
+    real = RING.sample(1500, gen(0))
+    got = evaluate_samples("ring8", RING.sample(1500, gen(1)), real=real)
+    assert got["modes"] == 8
+    for key in ("precision", "recall", "coverage"):
+        assert got[key] > 0.9, (key, got)
+    assert 0.8 < got["density"] < 1.2
+    assert got["fd"] < 0.01
+    same = evaluate_samples("ring8", real, real=real)
+    assert same["precision"] == same["recall"] == same["coverage"] == 1.0
+    assert same["fd"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_ring8_three_modes_cover_three_eighths_and_off_mode_samples_have_no_precision() -> None:
+    real = RING.sample(2000, gen(0))
+    draws, labels = _ring_draws(6000, 1)
+    collapsed = evaluate_samples("ring8", draws[labels < 3][:1500], real=real)
+    assert collapsed["modes"] == 3
+    assert collapsed["coverage"] == pytest.approx(3 / 8, abs=0.04)
+    assert collapsed["precision"] > 0.95
+    off = evaluate_samples("ring8", 0.05 * torch.randn(500, 2, generator=gen(2)), real=real)
+    assert off["modes"] == 0 and off["precision"] == 0.0 and off["coverage"] == 0.0
+
+
+def test_the_evaluator_builds_the_real_side_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[int] = []
+
+    class Counting(metrics_module.RealManifold):
+        def __init__(self, real: torch.Tensor) -> None:
+            built.append(len(real))
+            super().__init__(real)
+
+    monkeypatch.setattr(metrics_module, "RealManifold", Counting)
+    real = RING.sample(600, gen(0))
+    evaluator = SampleEvaluator("ring8", real)
+    first = evaluator(RING.sample(400, gen(1)))
+    second = evaluator(RING.sample(400, gen(2)))
+    assert built == [600]
+    assert first["coverage"] > 0.8 and second["coverage"] > 0.8 and first != second
+
+
+def test_duplicate_real_rows_are_dropped_before_the_balls() -> None:
+    # Each of 40 ring samples drawn 7 times (a reference sampled with replacement): with the
+    # duplicates every 5th-neighbour radius would be 0 and nothing but exact copies covered.
+    distinct = RING.sample(40, gen(0))
+    reference = RealFeatures(distinct.repeat(7, 1))
+    assert len(reference.manifold.real) == 40 and bool((reference.manifold.dc_radii > 0).all())
+    got = reference.score(distinct + 1e-4)
+    assert got["coverage"] == 1.0 and got["precision"] == 1.0
+
+
+def test_non_finite_samples_score_nan_fd_and_count_as_in_no_ball() -> None:
+    real = RING.sample(500, gen(0))
+    fake = RING.sample(400, gen(1))
+    fake[:100] = float("nan")
+    got = evaluate_samples("ring8", fake, real=real)
+    assert math.isnan(got["fd"])
+    assert got["precision"] == pytest.approx(0.75, abs=0.05)  # 300 of 400 samples are finite
+    everything_nan = evaluate_samples("ring8", torch.full((50, 2), float("nan")), real=real)
+    assert everything_nan["coverage"] == 0.0 and everything_nan["precision"] == 0.0

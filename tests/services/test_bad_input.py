@@ -437,22 +437,42 @@ def test_label_metric_without_labels_is_refused(
     )
 
 
-def test_point_metric_on_images_is_refused(
+def test_coverage_of_unlabelled_images_is_accepted_and_modes_refused(
     tmp_path: Path, storage: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # Coverage is computed on points only (images need a feature space): a Parquet of images
-    # asked to rank checkpoints by it is refused before any worker starts, naming what it reports.
+    # Coverage is computed for images too now, in the eval.features space (auto: a fixed random
+    # conv net for unlabelled images): ranking checkpoints by it passes preflight. Modes need
+    # labels: asked of unlabelled images, refused before any worker starts, naming what is.
     path = tmp_path / "images.parquet"
     pq.write_table(pa.table({"image": [{"bytes": _png(), "path": "a.png"}] * 4}), path)
+    common = ["data.name=parquet", f"data.path={path}", f"storage.uri={storage}", *IMAGES]
+    data = preflight(load_config("ring8", [*common, "checkpoint.metric=coverage"]))
+    assert data is not None and data.kind == "images" and not data.labelled
     _refused(
         capsys,
-        [
-            "data.name=parquet",
-            f"data.path={path}",
-            f"storage.uri={storage}",
-            "checkpoint.metric=coverage",
-            *IMAGES,
-        ],
-        "checkpoint.metric='coverage' is invalid",
-        "reports (none: no labels",
+        [*common, "checkpoint.metric=modes"],
+        "checkpoint.metric='modes' is invalid",
+        "reports (fd, precision, recall, density, coverage: no labels",
     )
+
+
+def test_bad_feature_spaces_are_refused_before_any_worker_starts(
+    tmp_path: Path, storage: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "images.parquet"
+    pq.write_table(pa.table({"image": [{"bytes": _png(), "path": "a.png"}] * 4}), path)
+    common = ["data.name=parquet", f"data.path={path}", f"storage.uri={storage}", *IMAGES]
+    missing = tmp_path / "inception.pt"
+    _refused(
+        capsys,
+        [*common, f"eval.features={missing}"],
+        f"eval.features='{missing}' is invalid",
+        "a readable TorchScript file",
+    )
+    _refused(
+        capsys,
+        [*common, "eval.features=labels"],
+        "eval.features='labels' is invalid",
+        "labels only for images with a label column",
+    )
+    _refused(capsys, ["eval.features=inception"], "eval.features='inception' is invalid", "random")
