@@ -135,6 +135,11 @@ def run_local(
     Torch runs on as many threads as a Ray worker of the config would (Ray sets a worker's
     OMP_NUM_THREADS to its whole CPUs, at least 1), unless ``train.threads`` says otherwise:
     another thread count sums in another order, and the two backends would drift apart."""
+    from services.launch import for_workers
+
+    # The default MLflow store spelled out as for Ray's workers (<storage>/mlflow.db, where the
+    # summary and the model log look), not derived from the run's own folder by the Tracker.
+    cfg = for_workers(cfg)
     threads = torch.get_num_threads()
     if cfg.train.threads == 0:
         torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
@@ -246,6 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"raygan: interrupted; rerun the same command to resume {cfg.name}", file=sys.stderr)
         return 130
+    # The generator as an MLflow model: finished runs only (a diverged run's MLflow run is
+    # FAILED; its last good checkpoint stays in storage). Never fails the run: services/model_log.
+    from services.model_log import summary_fields
+
+    finished = summary["status"] == "finished"
+    summary.update(summary_fields(cfg, summary if finished else {}))
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2))
     if summary["status"] == "diverged":
@@ -265,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         if summary["mlflow_run_id"]
         else ""
     )
+    if summary.get("model_uri"):
+        mlflow_part += f" | model: {summary['model_uri']}"
+        if summary.get("registered_model"):
+            mlflow_part += f" (registered: {summary['registered_model']})"
     print(
         f"[raygan] checkpoints: {summary['checkpoint_uri']} | samples: {summary['samples_uri']}"
         f"{mlflow_part}",

@@ -15,6 +15,10 @@ over its newer local copy, so reports can go missing from it.) Writes beside the
   ``python -m services.train --config best.yaml`` starts a fresh run instead of resuming the
   trial's. Everything else equals the config the trial trained (for PBT: its final knobs).
 
+The best trial's generator, when its trial logged one (services.model_log: a trial that ran to
+its end, with tracking on), is named in report.md as an MLflow model URI,
+``runs:/<the trial's child run id>/generator``, read from ``runs/<trial>/model.json``.
+
 A trial's status: ``ERROR``, ``COMPLETED`` (reached ``train.steps``), ``STOPPED`` (ended early by
 the scheduler) or ``INCOMPLETE`` (an interrupted sweep, not resumed yet). Marginal effects and the
 best trial use every trial that reported, stopped ones included: their last numbers are what the
@@ -38,7 +42,7 @@ from typing import Any
 from gan_core.config import ConfigError, GanConfig, StorageConfig, to_yaml
 from services.storage import Storage, StorageError, open_storage
 from tuning.objective import divergence_key
-from tuning.plan import PLAN_FILE, SweepPlan
+from tuning.plan import PLAN_FILE, RUNS_DIR, SweepPlan
 
 REPORT_FILES = ("report.md", "trials.csv", "coverage_vs_cost.png", "best.yaml")
 
@@ -55,6 +59,11 @@ class TrialRow:
     wall_s: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
     error: str = ""  # an ERROR trial's reason: the last line of Tune's error trace
+    model: dict[str, Any] = field(default_factory=dict)  # its runs/<trial>/model.json, if any
+
+    @property
+    def model_uri(self) -> str | None:
+        return self.model.get("model_uri")
 
     @property
     def stopped_early(self) -> bool:
@@ -116,6 +125,8 @@ def load_rows(storage: Storage, plan: SweepPlan) -> list[TrialRow]:
     """Every trial of the sweep whose folder is ``storage``'s root, by trial name."""
     from ray.tune import ExperimentAnalysis
 
+    from services.model_log import read_logged
+
     analysis = ExperimentAnalysis(
         storage.root, storage_filesystem=storage.filesystem if storage.is_s3 else None
     )
@@ -137,6 +148,7 @@ def load_rows(storage: Storage, plan: SweepPlan) -> list[TrialRow]:
                 error=str(error) if error else None,
             )
         )
+        rows[-1].model = read_logged(storage, f"{RUNS_DIR}/{trial}") or {}
     return sorted(rows, key=lambda r: r.trial)
 
 
@@ -319,6 +331,11 @@ def render_markdown(plan: SweepPlan, rows: list[TrialRow]) -> str:
             f"modes = {_fmt(best.value('modes'))}. Config: `best.yaml` "
             f"(`python -m services.train --config best.yaml`)."
         )
+        if best.model_uri:
+            parts.append(
+                f"\nModel: `{best.model_uri}` (MLflow; "
+                f'`mlflow.pytorch.load_model("{best.model_uri}")` maps noise to samples).'
+            )
     return "\n".join(parts) + "\n"
 
 

@@ -67,6 +67,8 @@ class SweepOutcome:
     wall_seconds: float
     best_trial: str | None = None
     best_score: float | None = None
+    best_model_uri: str | None = None  # runs:/<best trial's child run>/generator
+    registered_model: str | None = None  # models:/NAME/VERSION (tracking.register_as)
     parent_run_id: str | None = None
     mlflow_statuses: dict[str, str] = field(default_factory=dict)
     report: dict[str, str] = field(default_factory=dict)  # file name -> URI
@@ -344,6 +346,8 @@ def _finish(plan: SweepPlan, storage: Storage, tracker: Any, wall: float) -> Swe
     best = best_row(rows, plan.metric, plan.mode)
     if best is not None:
         outcome.best_trial, outcome.best_score = best.trial, best.value(plan.metric)
+        outcome.best_model_uri = best.model_uri
+        outcome.registered_model = _register_best(plan, best)
     if tracker is not None:
         counts = {
             f"trials_{s.lower()}": float(sum(v == s for v in statuses.values()))
@@ -355,11 +359,28 @@ def _finish(plan: SweepPlan, storage: Storage, tracker: Any, wall: float) -> Swe
                 {
                     "raygan.sweep.best_trial": best.trial,
                     "raygan.sweep.best_knobs": describe_knobs(best.knobs),
+                    **({"raygan.sweep.best_model": best.model_uri} if best.model_uri else {}),
                 }
             )
         tracker.log_metrics(counts, step=0)
         tracker.finish("FINISHED")
     return outcome
+
+
+def _register_best(plan: SweepPlan, best: Any) -> str | None:
+    """With ``tracking.register_as=NAME``: the best trial's model as a new version of NAME (the
+    trials log their models but register none: one version per sweep)."""
+    name = plan.base.get("tracking.register_as")
+    if not name or not best.model.get("model_id"):
+        return None
+    from services.model_log import LoggedGenerator, register
+
+    try:
+        version = register(plan.tracking_uri, name, LoggedGenerator(**best.model), best.trial)
+    except Exception as exc:  # the sweep's results stand without the registry
+        log.warning("could not register %s as %s: %s", best.model_uri, name, redact(str(exc)))
+        return None
+    return f"models:/{name}/{version}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -416,6 +437,10 @@ def main(argv: list[str] | None = None) -> int:
         if outcome.parent_run_id
         else ""
     )
+    if outcome.best_model_uri:
+        parent += f" | best model: {outcome.best_model_uri}"
+        if outcome.registered_model:
+            parent += f" (registered: {outcome.registered_model})"
     print(
         f"[raygan] report: {report_md} | best config: {outcome.report.get('best.yaml')}{parent}",
         flush=True,

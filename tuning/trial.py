@@ -151,22 +151,29 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
         callbacks=[ForwardToTune(mailbox)],
         verbose=settings.verbose,
     )
-    _fit_and_forward(trainer, mailbox)
+    result = _fit_and_forward(trainer, mailbox)
     # Only after a normal end: killed earlier, it would fail a send the controller still waits on.
     ray.kill(mailbox)
+    if train_config.get("mlflow_run_id"):
+        # Only a trial that ran to its end gets here (a scheduler's stop ends this thread in
+        # tune.report): its best kept checkpoint becomes runs:/<child run>/generator.
+        from services.model_log import log_result_generator
+
+        log_result_generator(cfg, result, train_config["mlflow_run_id"])
 
 
-def _fit_and_forward(trainer: Any, mailbox: Any) -> None:
+def _fit_and_forward(trainer: Any, mailbox: Any) -> Any:
     """``fit()`` in a helper thread; this (Tune's) thread reports what the controller sends.
 
     When a scheduler stops the trial, ``tune.report`` never returns here (Tune ends this thread
-    and then the actor, and with it the Train controller and workers it owns).
+    and then the actor, and with it the Train controller and workers it owns). Returns what
+    ``fit()`` returned (Ray Train's ``Result``).
     """
-    outcome: dict[str, BaseException] = {}
+    outcome: dict[str, Any] = {}
 
     def fit() -> None:
         try:
-            trainer.fit()
+            outcome["result"] = trainer.fit()
         except BaseException as exc:  # re-raised in Tune's thread below
             outcome["error"] = exc
 
@@ -195,3 +202,4 @@ def _fit_and_forward(trainer: Any, mailbox: Any) -> None:
     thread.join()
     if "error" in outcome:
         raise outcome["error"]
+    return outcome["result"]

@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -210,7 +211,10 @@ def test_up_status_down(tmp_path: Path) -> None:
         )
         assert listed.returncode == 0, listed.stderr[-2000:]
         _submit_gan_jobs(ray_env, state, s3_client, mlflow_port)
+        # Runs beside the sweep job: two processes that mostly wait on imports and I/O.
+        finish_model_checks = _start_model_checks(env, state, mlflow_port, tmp_path)
         _submit_sweep_job(ray_env, state, s3_client, mlflow_port, tmp_path)
+        finish_model_checks()
 
         shown = _stack(["status", *flags], env)
         assert shown.returncode == 0 and shown.stdout.count(" healthy ") == 3, shown.stdout
@@ -273,9 +277,19 @@ def _submit_gan_jobs(ray_env: dict, state: dict, s3_client, mlflow_port: int) ->
     # One worker each: both jobs fit the stack's 2 CPUs at the same time.
     common = [*TINY_JOB, "resources.num_workers=1"]
     names = ["submitted", "submitted-2"]
+    # The first job's generator is registered too (_start_model_checks reads it back).
+    register = {"submitted": [f"tracking.register_as={REGISTERED}"], "submitted-2": []}
     jobs = [
         subprocess.Popen(
-            _submit_args(state, "services.train", "--config", "ring8", f"name={name}", *common),
+            _submit_args(
+                state,
+                "services.train",
+                "--config",
+                "ring8",
+                f"name={name}",
+                *common,
+                *register[name],
+            ),
             env=ray_env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -290,6 +304,8 @@ def _submit_gan_jobs(ray_env: dict, state: dict, s3_client, mlflow_port: int) ->
         assert job.returncode == 0, stdout[-3000:] + stderr[-3000:]
         assert "[raygan] done: 20 steps" in stdout
         assert "[raygan] step 10/20" in stdout, "progress lines reach `ray job` output"
+        registered = f" (registered: models:/{REGISTERED}/1)" if register[name] else ""
+        assert f"/generator{registered}\n" in stdout, stdout[-2000:]
         keys = [
             o["Key"]
             for o in s3_client.list_objects_v2(Bucket="raygan", Prefix=f"runs/{name}/")["Contents"]
@@ -305,6 +321,64 @@ def _submit_gan_jobs(ray_env: dict, state: dict, s3_client, mlflow_port: int) ->
             10,
             20,
         ]
+
+
+REGISTERED = "stack-gen"
+
+
+def _start_model_checks(env: dict, state: dict, mlflow_port: int, tmp_path: Path) -> Any:
+    """The generator of job `submitted` as an MLflow model on the stack (artifacts proxied to
+    S3): its run names it and the registry holds it; then, started now and checked by the
+    returned function, (a) a process without raygan loads it as runs:/ and models:/.../latest
+    through the server, and (b) `python -m services.sample` draws from the same run on S3. With
+    the same noise (seed 0) all three give the same samples."""
+    import mlflow
+    import numpy as np
+    import torch
+
+    from gan_core.config import load_config
+    from tests.services.test_model_log import without_raygan
+
+    uri = f"http://127.0.0.1:{mlflow_port}"
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("raygan").experiment_id],
+        filter_string="tags.`raygan.run_name` = 'submitted'",
+    )
+    model_uri = f"runs:/{run.info.run_id}/generator"
+    assert run.data.tags["raygan.model_uri"] == model_uri
+    version = client.get_model_version(REGISTERED, "1")
+    assert version.run_id == run.info.run_id and version.tags["raygan.run_name"] == "submitted"
+    assert float(version.tags["modes"]) == run.data.metrics["modes"]
+
+    work = tmp_path / "model-check"
+    work.mkdir()
+    z_dim = load_config("ring8").generators.z_dim
+    noise = torch.randn(200, z_dim, generator=torch.Generator().manual_seed(0))
+    np.save(work / "noise.npy", noise.numpy())
+    command, loader_env = without_raygan([uri, model_uri, f"models:/{REGISTERED}/latest"], env)
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    loader = subprocess.Popen(command, cwd=work, env=loader_env, **pipes)
+    sample = subprocess.Popen(
+        [sys.executable, "-m", "services.sample", "--run", "s3://raygan/runs/submitted"]
+        + ["--n", "200", "--out", str(work / "sampled.npy")],
+        cwd=REPO,
+        env={**env, **client_env(state)},
+        **pipes,
+    )
+
+    def finish() -> None:
+        for proc in (loader, sample):
+            out, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, out[-2000:] + err[-3000:]
+        by_run, by_name = np.load(work / "out0.npy"), np.load(work / "out1.npy")
+        sampled = np.load(work / "sampled.npy")
+        assert sampled.shape == (200, 2) and sampled.dtype == np.float32
+        assert np.isfinite(sampled).all()
+        np.testing.assert_array_equal(by_run, sampled)
+        np.testing.assert_array_equal(by_name, sampled)
+
+    return finish
 
 
 def _submit_sweep_job(
@@ -362,3 +436,10 @@ def _submit_sweep_job(
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     assert {c.data.params["discriminator.pack"] for c in children} == {"1", "2"}
     assert all(c.info.status == "FINISHED" for c in children)
+    # Both trials ran to the end: each logged its generator into its child run; the report and
+    # the job's last line name the best one's.
+    models = {c.data.tags.get("raygan.model_uri") for c in children}
+    assert models == {f"runs:/{c.info.run_id}/generator" for c in children}
+    report = s3_client.get_object(Bucket="raygan", Key="runs/submitted-sweep/report.md")
+    best = [m for m in models if f"Model: `{m}`" in report["Body"].read().decode()]
+    assert len(best) == 1 and f"best model: {best[0]}" in done.stdout
