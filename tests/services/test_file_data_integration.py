@@ -22,6 +22,7 @@ import pytest
 
 from gan_core.datasets import digit_images, write_image_folder, write_image_parquet
 from services import train
+from tests.conftest import RAY_TEST_ENV
 
 pytestmark = pytest.mark.integration
 
@@ -81,6 +82,7 @@ def test_default_storage_job_through_ray_leaves_its_outputs_where_it_was_started
     _points3(work / "points.parquet")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
     env.update(RAY_TMPDIR=str(short_tmp), AWS_EC2_METADATA_DISABLED="true", PYTHONPATH=str(REPO))
+    env.update(RAY_TEST_ENV)  # the suite's Ray Train settings (tests/conftest.py)
     command = [
         sys.executable,
         "-m",
@@ -170,12 +172,12 @@ def bucket(s3_server: str) -> str:
     return name
 
 
-def _s3_job(endpoint: str, bucket: str, tmp_path: Path) -> list[str]:
+def _s3_job(endpoint: str, bucket: str, tracking: str) -> list[str]:
     """Storage on the S3 server (its endpoint also serves the data), MLflow in SQLite."""
     return [
         f"storage.uri=s3://{bucket}/runs",
         f"storage.endpoint={endpoint}",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"tracking.uri={tracking}",
     ]
 
 
@@ -189,6 +191,7 @@ def test_image_parquet_on_s3_streams_into_two_workers_each_reading_its_shard(
     s3_server: str,
     bucket: str,
     tmp_path: Path,
+    mlflow_db: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # 3 passes over the digits at 16 px, jittered and noised so every row is distinct.
@@ -209,7 +212,7 @@ def test_image_parquet_on_s3_streams_into_two_workers_each_reading_its_shard(
         f"data.path=s3://{bucket}/digits16/train.parquet",
         "data.image_size=16",
         "data.cache_mb=0",  # streamed, decoded as it is read: nothing materialized
-        *_s3_job(s3_server, bucket, tmp_path),
+        *_s3_job(s3_server, bucket, mlflow_db),
         "resources.num_workers=2",
         "train.steps=20",
         *TINY_IMAGES,
@@ -230,6 +233,7 @@ def test_image_folder_on_s3_trains_with_its_class_folders_as_labels(
     s3_server: str,
     bucket: str,
     tmp_path: Path,
+    mlflow_db: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     with monkeypatch.context() as patch:
@@ -242,7 +246,7 @@ def test_image_folder_on_s3_trains_with_its_class_folders_as_labels(
         "data.name=image_folder",
         f"data.path=s3://{bucket}/digit-folder",
         "data.image_size=8",
-        *_s3_job(s3_server, bucket, tmp_path),
+        *_s3_job(s3_server, bucket, mlflow_db),
         "resources.num_workers=1",
         "train.steps=10",
         *TINY_IMAGES,

@@ -19,15 +19,17 @@ from PIL import Image
 from gan_core.config import flatten, load_config
 from services import tracking
 from services.tracking import Tracker, default_tracking_uri
+from tests.conftest import copy_mlflow_store
 
 PLANTED = "planted-Secret-Value-0123456789"
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """One SQLite store for the module: creating a fresh one runs MLflow's migrations (~7 s)."""
+def store(tmp_path_factory: pytest.TempPathFactory, _mlflow_template: Path) -> tuple[Path, str]:
+    """One SQLite store for the module: a copy of the session's migrated empty store, since
+    creating a fresh one runs MLflow's migrations (~7 s)."""
     folder = tmp_path_factory.mktemp("mlflow-store")
-    return folder, f"sqlite:///{folder}/mlflow.db"
+    return folder, copy_mlflow_store(_mlflow_template, folder / "mlflow.db")
 
 
 @pytest.fixture(autouse=True)

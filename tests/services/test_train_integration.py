@@ -39,6 +39,7 @@ def test_two_worker_job_on_s3_survives_a_crash_and_resumes(
     ray_cluster: Path,
     s3_server: str,
     tmp_path: Path,
+    mlflow_db: str,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -51,7 +52,7 @@ def test_two_worker_job_on_s3_survives_a_crash_and_resumes(
         aws_secret_access_key="s",
     )
     s3.create_bucket(Bucket=bucket)
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = mlflow_db
     common = [
         *TINY,
         f"storage.uri=s3://{bucket}/runs",
@@ -109,8 +110,8 @@ def test_two_worker_job_on_s3_survives_a_crash_and_resumes(
     assert _mlflow_history(tracking, run_id, "modes") == [10, 20, 30, 40, 50]
 
 
-def test_local_backend_matches_the_loop_and_resumes(tmp_path: Path) -> None:
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_local_backend_matches_the_loop_and_resumes(tmp_path: Path, mlflow_db: str) -> None:
+    tracking = mlflow_db
     common = [
         *TINY,
         "resources.backend=local",

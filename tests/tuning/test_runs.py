@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import mlflow
 import pytest
@@ -13,8 +12,8 @@ from tuning.runs import PARENT_TAG, TRIAL_TAG, child_run_id, close_children
 
 
 @pytest.fixture
-def tracking(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+def tracking(mlflow_db: str) -> str:
+    return mlflow_db  # a fresh store (tests/conftest.py)
 
 
 def _parent(tracking: str) -> str:

@@ -90,7 +90,7 @@ def sweep_runs(tracking: str, name: str) -> tuple[Any, list[Any]]:
 
 
 def test_asha_sweep_stops_hopeless_trials_nests_mlflow_runs_and_reports(
-    ray_cluster: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ray_cluster: None, tmp_path: Path, mlflow_db: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     space = tmp_path / "lr_unroll.yaml"
     # A learning rate of 1e30 diverges at once: NaN samples score -1, the lowest score there is.
@@ -102,7 +102,7 @@ def test_asha_sweep_stops_hopeless_trials_nests_mlflow_runs_and_reports(
         # trials must reach ASHA as the worst scores.
         "fixed:\n  train.on_nonfinite: continue\n"
     )
-    runs, tracking = tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runs, tracking = tmp_path / "runs", mlflow_db
     rc = sweep.main(
         [
             "--space",
@@ -210,12 +210,12 @@ class InterruptOnce(tune.Callback):
 
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
-    ray_cluster: None, tmp_path: Path
+    ray_cluster: None, tmp_path: Path, mlflow_db: str
 ) -> None:
     space = tmp_path / "steps.yaml"
     # The 60-step trial is still running (with checkpoints) when the 30-step one completes.
     space.write_text("grid:\n  train.steps: [30, 60]\n")
-    runs, tracking = tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runs, tracking = tmp_path / "runs", mlflow_db
     overrides = [*TINY, "checkpoint.every=10", f"storage.uri={runs}", f"tracking.uri={tracking}"]
     plan, storage = make_plan(
         "resume", str(space), "ring8", overrides, scheduler="fifo", max_concurrent=2
@@ -264,14 +264,16 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
     ]
 
 
-def test_pbt_mutated_learning_rates_reach_the_optimizer(ray_cluster: None, tmp_path: Path) -> None:
+def test_pbt_mutated_learning_rates_reach_the_optimizer(
+    ray_cluster: None, tmp_path: Path, mlflow_db: str
+) -> None:
     space = tmp_path / "pbt.yaml"
     space.write_text(
         "grid:\n  g_optim.lr: [2.0e-3, 5.0e-4]\n"
         "mutations:\n  g_optim.lr: {loguniform: [1.0e-4, 1.0e-2]}\n"
         "  d_optim.lr: {loguniform: [1.0e-4, 1.0e-2]}\n"
     )
-    runs, tracking = tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runs, tracking = tmp_path / "runs", mlflow_db
     # Synchronous PBT decides once both trials made report 2 (of 3): the worse one must exploit
     # the better, and both then make report 3 (step 30) with their final learning rates.
     plan, storage = make_plan(
@@ -319,13 +321,13 @@ def test_pbt_mutated_learning_rates_reach_the_optimizer(ray_cluster: None, tmp_p
 
 
 def test_a_diverged_trial_errors_with_its_reason(
-    ray_cluster: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ray_cluster: None, tmp_path: Path, mlflow_db: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``train.on_nonfinite=stop`` in a sweep: the trial that diverges ends as a Tune ERROR whose
     reason reaches Tune's error file, the report and its MLflow run; the other trial is unharmed."""
     space = tmp_path / "nan.yaml"
     space.write_text("grid:\n  g_optim.lr: [2.0e-3, 1.0e30]\nfixed:\n  train.on_nonfinite: stop\n")
-    runs, tracking = tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runs, tracking = tmp_path / "runs", mlflow_db
     rc = sweep.main(
         [
             "--space",
