@@ -304,8 +304,10 @@ def write_png(samples: np.ndarray, cfg: GanConfig, path: Path, title: str) -> No
     elif cfg.data.name in ("ring8", "grid25"):
         from gan_core.data import grid25, ring8
 
-        centers = (ring8() if cfg.data.name == "ring8" else grid25()).centers
-        save_scatter(samples, centers, path, title)
+        mixture = ring8() if cfg.data.name == "ring8" else grid25()
+        # The run's own high-quality radius (3 std, as the metrics and the run's pictures use):
+        # the "off" bar then equals 100 - hq_pct.
+        save_scatter(samples, mixture.centers, path, title, radius=3 * mixture.std)
     else:
         # No real data at hand (it may be remote): the samples are their own reference.
         save_points(samples, samples, path, title=title)

@@ -269,9 +269,14 @@ def _effects_table(plan: SweepPlan, rows: list[TrialRow], step: int | None) -> s
     coverage = marginal_effects(rows, plan.space.knobs, "modes", step)
     scores = marginal_effects(rows, plan.space.knobs, plan.metric, step)
     for knob in plan.space.knobs:
-        by_value = {v: m for v, m, _ in scores[knob]}
-        for value, mean_modes, n in coverage[knob]:
-            effect_rows.append([knob, value, n, mean_modes, by_value.get(value)])
+        # Unlabelled data reports no modes: a value still gets its row from the sweep's metric.
+        modes = {v: (m, n) for v, m, n in coverage[knob]}
+        score = {v: (m, n) for v, m, n in scores[knob]}
+        for value in sorted({*modes, *score}, key=_order):
+            n = max(modes.get(value, (None, 0))[1], score.get(value, (None, 0))[1])
+            effect_rows.append(
+                [knob, value, n, modes.get(value, (None,))[0], score.get(value, (None,))[0]]
+            )
     return _markdown(["knob", "value", "trials", "mean modes", f"mean {plan.metric}"], effect_rows)
 
 
@@ -357,25 +362,28 @@ def plot_coverage_vs_cost(plan: SweepPlan, rows: list[TrialRow], path: Path) -> 
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     best = best_row(rows, plan.metric, plan.mode)
+    # Unlabelled data has no modes: plot the sweep's own metric (e.g. coverage) instead.
+    y = "modes" if any(r.value("modes") is not None for r in rows) else plan.metric
     for stopped, marker, label in ((False, "o", "ran to the end"), (True, "x", "stopped early")):
         pts = [
-            (1000.0 / r.steps_per_s, r.value("modes"))
+            (1000.0 / r.steps_per_s, r.value(y))
             for r in rows
-            if r.stopped_early == stopped and r.steps_per_s and r.value("modes") is not None
+            if r.stopped_early == stopped and r.steps_per_s and r.value(y) is not None
         ]
         if pts:
             ax.scatter(*zip(*pts, strict=True), marker=marker, label=label)
-    if best is not None and best.steps_per_s and best.value("modes") is not None:
+    if best is not None and best.steps_per_s and best.value(y) is not None:
         ax.annotate(
             "best",
-            (1000.0 / best.steps_per_s, best.value("modes")),
+            (1000.0 / best.steps_per_s, best.value(y)),
             textcoords="offset points",
             xytext=(5, 5),
         )
     ax.set_xlabel("training seconds per 1,000 steps")
-    ax.set_ylabel("modes captured (last report)")
+    ax.set_ylabel("modes captured (last report)" if y == "modes" else f"{y} (last report)")
     ax.set_title(f"sweep {plan.name}: coverage vs cost")
-    ax.legend(loc="best")
+    if ax.get_legend_handles_labels()[0]:  # no trial with the metric: nothing to label
+        ax.legend(loc="best")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

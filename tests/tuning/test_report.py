@@ -214,3 +214,30 @@ def test_report_refuses_a_folder_that_is_not_a_sweep(
 ) -> None:
     assert report.main([str(tmp_path)]) == 2
     assert "sweep.json" in capsys.readouterr().err
+
+
+def test_unlabelled_sweep_reports_its_metric_per_knob_value(tmp_path: Path) -> None:
+    """Unlabelled data reports coverage, not modes: every knob value still gets its row and
+    the plot draws the sweep's metric."""
+    import dataclasses
+
+    plan, _ = hand_made(tmp_path)
+    plan = dataclasses.replace(plan, metric="coverage", mode="max")
+    rows = [
+        TrialRow(f"t{i}", knobs, {"coverage": cov, "steps_per_s": 10.0}, "COMPLETED")
+        for i, (knobs, cov) in enumerate(
+            [
+                ({"unroll.steps": 0, "discriminator.minibatch.kernels": 0}, 0.2),
+                ({"unroll.steps": 0, "discriminator.minibatch.kernels": 8}, 0.4),
+                ({"unroll.steps": 5, "discriminator.minibatch.kernels": 0}, 0.6),
+                ({"unroll.steps": 5, "discriminator.minibatch.kernels": 8}, 0.8),
+            ]
+        )
+    ]
+    table = report._effects_table(plan, rows, None)
+    # Mean coverage: unroll 0 -> (0.2 + 0.4) / 2, unroll 5 -> (0.6 + 0.8) / 2; no modes: "-".
+    assert "| unroll.steps | 0 | 2 | - | 0.3 |" in table
+    assert "| unroll.steps | 5 | 2 | - | 0.7 |" in table
+    assert "| discriminator.minibatch.kernels | 8 | 2 | - | 0.6 |" in table
+    png = report.plot_coverage_vs_cost(plan, rows, tmp_path / "plot.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
