@@ -395,7 +395,17 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
                 text,
                 f"a YAML value; quote text with special characters: {key}='...' ({reason})",
             ) from None
-        merged.merge_with_dotlist([item])
+        try:
+            merged.merge_with_dotlist([item])
+        except Exception as exc:
+            # Two items that disagree on a section's shape ("generators=[1]" and then
+            # "generators.count=2", or the reverse) fail in OmegaConf without naming either.
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(
+                key,
+                text,
+                f"overrides that do not give a section both a value and keys ({reason})",
+            ) from None
     return merged
 
 

@@ -617,3 +617,18 @@ def test_main_refuses_invalid_configs_with_status_2_before_ray(
     assert "Traceback" not in stderr.getvalue()
     assert f"{expected.key}=" in stderr.getvalue()
     assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["generators=[1]", "generators.count=2"], "generators.count"),
+        (["generators.count=2", "generators=[1]"], "generators"),
+    ],
+)
+def test_a_section_given_both_a_value_and_keys_is_refused_by_name(
+    overrides: list[str], key: str
+) -> None:
+    # Found by the fuzz above once the schema grew: OmegaConf's ConfigTypeError escaped.
+    with pytest.raises(ConfigError, match=f"{key}=.*both a value and keys"):
+        load_config("ring8", overrides)
