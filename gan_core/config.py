@@ -371,6 +371,11 @@ def _field_type(key: str) -> str:
     return type(value).__name__ if value is not None else ""
 
 
+def _reason(exc: Exception) -> str:
+    """An OmegaConf/YAML exception's first line (its message runs on with context lines)."""
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
 def parse_overrides(overrides: list[str]) -> DictConfig:
     """Turn ``["a.b=1", "c=x"]`` into a config; a malformed item is a ConfigError naming it."""
     merged = OmegaConf.create()
@@ -389,22 +394,20 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
             # without the key, so the item is parsed alone to name it.
             OmegaConf.from_dotlist([item])
         except Exception as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ConfigError(
                 key,
                 text,
-                f"a YAML value; quote text with special characters: {key}='...' ({reason})",
+                f"a YAML value; quote text with special characters: {key}='...' ({_reason(exc)})",
             ) from None
         try:
             merged.merge_with_dotlist([item])
         except Exception as exc:
             # Two items that disagree on a section's shape ("generators=[1]" and then
             # "generators.count=2", or the reverse) fail in OmegaConf without naming either.
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ConfigError(
                 key,
                 text,
-                f"overrides that do not give a section both a value and keys ({reason})",
+                f"overrides that do not give a section both a value and keys ({_reason(exc)})",
             ) from None
     return merged
 

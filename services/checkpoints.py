@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
 META_FILE = "meta.json"
+CHECKPOINT_FILES = (STATE_FILE, CONFIG_FILE, META_FILE)
+# services.train's local backend keeps its checkpoints here, inside the run folder (Ray Train's
+# are the run folder's checkpoint_* folders).
+LOCAL_CHECKPOINTS = "local_checkpoints"
 FORMAT = 1
 
 # Keys that change the shapes or kinds of what a checkpoint holds. Everything else (train.steps,
@@ -91,6 +95,15 @@ def save_checkpoint(
     # meta.json last: its presence marks a complete checkpoint.
     _write_atomic(folder / META_FILE, lambda out: out.write(json.dumps(meta, indent=1).encode()))
     return folder
+
+
+def meta_score(meta: dict[str, Any], metric: str) -> float | None:
+    """A checkpoint's value of ``metric`` from its meta.json (``step`` is the step itself); None
+    when it has none, or a value that cannot rank (not a number, NaN, inf)."""
+    value = meta.get("step") if metric == "step" else (meta.get("metrics") or {}).get(metric)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(float(value)) else None
 
 
 def _require(folder: Path, name: str) -> Path:

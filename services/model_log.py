@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import tempfile
 import warnings
@@ -44,6 +43,7 @@ import torch
 from mlflow.exceptions import MlflowException
 
 from gan_core.config import GanConfig, checkpoint_metric
+from services.checkpoints import CHECKPOINT_FILES, LOCAL_CHECKPOINTS, meta_score
 from services.storage import Storage, open_storage, redact
 from services.tracking import bound_http_retries, default_tracking_uri
 
@@ -52,8 +52,6 @@ logger = logging.getLogger("raygan.model_log")
 GENERATOR = "generator"  # the model's name in the run: runs:/<run id>/generator
 MODEL_TYPE = "raygan-generator"
 MODEL_FILE = "model.json"  # beside a run's checkpoints: where its model went (tuning.report)
-LOCAL_CKPT_DIR = "local_checkpoints"  # services.train's folder for the local backend
-_CHECKPOINT_FILES = ("state.pt", "config.yaml", "meta.json")
 _EXAMPLE_ROWS = 4
 
 
@@ -235,13 +233,6 @@ def register(tracking_uri: str, name: str, logged: LoggedGenerator, run_name: st
     return str(version.version)
 
 
-def _score(meta: dict[str, Any], metric: str) -> float | None:
-    value = meta.get("step") if metric == "step" else (meta.get("metrics") or {}).get(metric)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(float(value)) else None
-
-
 def best_checkpoint(storage: Storage, name: str, metric: str, mode: str) -> str | None:
     """The folder (relative to ``storage``) of run ``name``'s best complete checkpoint by
     ``metric`` (``mode`` max or min), the later step winning a tie; None if it has none.
@@ -254,19 +245,19 @@ def best_checkpoint(storage: Storage, name: str, metric: str, mode: str) -> str 
         parent, _, file = rel.rpartition("/")
         top = parent.split("/")
         ray_folder = len(top) == 1 and top[0].startswith("checkpoint_")
-        local_folder = len(top) == 2 and top[0] == LOCAL_CKPT_DIR and top[1].startswith("step_")
+        local_folder = len(top) == 2 and top[0] == LOCAL_CHECKPOINTS and top[1].startswith("step_")
         if ray_folder or local_folder:
             folders.setdefault(parent, set()).add(file)
     sign = 1.0 if mode == "max" else -1.0
     ranked = []
     for folder, files in folders.items():
-        if not set(_CHECKPOINT_FILES) <= files:
+        if not set(CHECKPOINT_FILES) <= files:
             continue
         try:
             meta = json.loads(storage.read_bytes(f"{name}/{folder}/meta.json"))
         except ValueError:
             continue
-        score = _score(meta, metric) if isinstance(meta, dict) else None
+        score = meta_score(meta, metric) if isinstance(meta, dict) else None
         if score is not None:
             ranked.append((sign * score, int(meta.get("step", 0)), folder))
     return f"{name}/{max(ranked)[2]}" if ranked else None
@@ -275,7 +266,7 @@ def best_checkpoint(storage: Storage, name: str, metric: str, mode: str) -> str 
 def download(storage: Storage, folder: str, dest: Path) -> Path:
     """Copy a checkpoint folder's three files from ``storage`` into local ``dest``."""
     dest.mkdir(parents=True, exist_ok=True)
-    for file in _CHECKPOINT_FILES:
+    for file in CHECKPOINT_FILES:
         (dest / file).write_bytes(storage.read_bytes(f"{folder}/{file}"))
     return dest
 

@@ -37,14 +37,11 @@ import torch
 
 from gan_core.config import GanConfig, StorageConfig, checkpoint_metric
 from gan_core.export import ExportError, eval_noise, export_sampler, read_checkpoint
+from services.checkpoints import CHECKPOINT_FILES, LOCAL_CHECKPOINTS, META_FILE, meta_score
 
 USAGE_ERROR = 2
 SUFFIXES = (".npy", ".png", ".parquet")
 CHECKPOINT_PREFIX = "checkpoint_"
-# The local backend of services.train keeps its checkpoints here, inside the run folder.
-LOCAL_CHECKPOINTS = "local_checkpoints"
-META_FILE = "meta.json"
-CHECKPOINT_FILES = ("state.pt", "config.yaml", "meta.json")
 # Samples drawn per sampler call: bounds memory for large --n (a 64x64 RGB image is 48 KiB).
 CHUNK = 4096
 
@@ -96,11 +93,6 @@ def _meta(text: str, where: str) -> dict:
     return meta
 
 
-def _score(meta: dict, metric: str) -> float | None:
-    value = meta["step"] if metric == "step" else (meta.get("metrics") or {}).get(metric)
-    return float(value) if isinstance(value, int | float) else None
-
-
 def choose(metas: dict[str, dict], how: str, cfg: GanConfig | None) -> str:
     """The name of the chosen checkpoint among ``{name: meta}``: ``latest`` is the highest step;
     ``best`` the best value of the run's checkpoint metric (``cfg``'s metric and mode), checkpoints
@@ -111,7 +103,7 @@ def choose(metas: dict[str, dict], how: str, cfg: GanConfig | None) -> str:
     sign = 1.0 if mode == "max" else -1.0
 
     def rank(name: str) -> tuple[bool, float, int]:
-        value = _score(metas[name], metric)
+        value = meta_score(metas[name], metric)
         return (value is not None, sign * value if value is not None else 0.0, metas[name]["step"])
 
     return max(metas, key=rank)

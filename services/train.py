@@ -32,7 +32,7 @@ from gan_core.config import (
 )
 from gan_core.files import FileData
 from gan_core.loop import LoopHooks, NonFiniteError
-from services.checkpoints import CheckpointError
+from services.checkpoints import LOCAL_CHECKPOINTS, CheckpointError
 from services.launch import init_ray, make_trainer
 from services.storage import StorageError, open_storage, redact
 from services.worker import (
@@ -46,7 +46,6 @@ from services.worker import (
 )
 
 log = logging.getLogger("raygan")
-LOCAL_CKPT_DIR = "local_checkpoints"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -152,7 +151,7 @@ def run_local(
 def _run_local(cfg: GanConfig, args: argparse.Namespace, data: FileData | None) -> dict[str, Any]:
     session = WorkerSession(cfg, rank=0, world_size=1, device="cpu", quiet=args.quiet, data=data)
     storage = session.storage
-    prefix = f"{cfg.name}/{LOCAL_CKPT_DIR}"
+    prefix = f"{cfg.name}/{LOCAL_CHECKPOINTS}"
     saved = sorted({p.split("/")[0] for p in storage.list(prefix)})
     if saved:
         with tempfile.TemporaryDirectory() as tmp:

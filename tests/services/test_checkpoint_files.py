@@ -368,7 +368,7 @@ def test_local_resume_from_a_tampered_checkpoint_exits_2(
 ) -> None:
     storage = tmp_path / "runs"
     ckpt = _tamper(saved, tmp_path / "src", _shrink_d_head)
-    target = storage / "ckpt" / train.LOCAL_CKPT_DIR / "step_0000002"
+    target = storage / "ckpt" / train.LOCAL_CHECKPOINTS / "step_0000002"
     target.mkdir(parents=True)
     for path in ckpt.iterdir():
         (target / path.name).write_bytes(path.read_bytes())
