@@ -327,6 +327,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     session.start_tracking()
     fail_at = int(os.environ.get("RAYGAN_FAIL_AT_STEP", "0"))
     inject_nan = nan_injector()
+    hold = hold_gate()
     if os.environ.get("RAYGAN_PID_DIR"):
         # Test hook: lets a test SIGKILL a given rank's process from outside, by PID.
         Path(os.environ["RAYGAN_PID_DIR"], f"rank{rank}.pid").write_text(str(os.getpid()))
@@ -334,6 +335,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def on_step(run: GanRun, metrics: dict[str, float]) -> None:
         _maybe_inject_fault(run.model.step, fail_at, rank)
         inject_nan(run, metrics)
+        hold(run.model.step)
 
     def on_eval(run: GanRun, metrics: dict[str, float]) -> None:
         payload = session.eval_payload(metrics)
@@ -375,6 +377,26 @@ def _maybe_inject_fault(step: int, fail_at: int, rank: int) -> None:
     if os.environ.get("RAYGAN_FAULT_KIND") == "exit":
         os._exit(1)
     raise RuntimeError(f"injected fault at step {step} (RAYGAN_FAIL_AT_STEP)")
+
+
+def hold_gate() -> Any:
+    """Test hook: while the file named by RAYGAN_HOLD_FILE exists and holds a step number N,
+    a run that reaches step N waits there until the file is removed. It makes "one trial is
+    still running when the other ends" a fact rather than a race on a loaded machine. Returns
+    an ``on_step`` hook taking the step (a no-op when unset)."""
+    path = os.environ.get("RAYGAN_HOLD_FILE")
+
+    def hook(step: int) -> None:
+        if not path:
+            return
+        try:
+            held = int(Path(path).read_text().strip() or 0)
+        except (OSError, ValueError):
+            return
+        while step == held and Path(path).exists():
+            time.sleep(0.1)
+
+    return hook
 
 
 def nan_injector() -> Any:

@@ -318,6 +318,16 @@ def _finish(plan: SweepPlan, storage: Storage, tracker: Any, wall: float) -> Swe
         parent_run_id=plan.parent_run_id,
     )
     if plan.parent_run_id:
+        for row in rows:
+            if row.status == "COMPLETED" and not row.model_uri:
+                # Its trial ran to the end, so it should have logged its generator: its log
+                # says why not (services.model_log warns with the reason).
+                log.warning(
+                    "trial %s completed but %s/%s/model.json names no logged generator",
+                    row.trial,
+                    folder.uri,
+                    f"{RUNS_DIR}/{row.trial}",
+                )
         outcomes = {
             row.trial: {
                 "status": row.status,

@@ -442,4 +442,7 @@ def _submit_sweep_job(
     assert models == {f"runs:/{c.info.run_id}/generator" for c in children}
     report = s3_client.get_object(Bucket="raygan", Key="runs/submitted-sweep/report.md")
     best = [m for m in models if f"Model: `{m}`" in report["Body"].read().decode()]
-    assert len(best) == 1 and f"best model: {best[0]}" in done.stdout
+    # Each trial noted its model in runs/<trial>/model.json, which the report reads.
+    noted = sorted(k for k in keys if k.endswith("/model.json"))
+    why = f"model.json: {noted}\n{done.stdout[-4000:]}\n{done.stderr[-2000:]}"
+    assert len(best) == 1 and f"best model: {best[0]}" in done.stdout, why

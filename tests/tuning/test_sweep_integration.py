@@ -50,7 +50,9 @@ def ray_cluster() -> Iterator[None]:
 
     root = tempfile.mkdtemp(prefix="rgt")
     saved = dict(os.environ)
-    os.environ.update({"RAY_TMPDIR": root})
+    # Set before ray.init so that every trial's workers inherit it: services.worker.hold_gate
+    # makes a run wait at a step while this file exists (only the resume test writes it).
+    os.environ.update({"RAY_TMPDIR": root, "RAYGAN_HOLD_FILE": os.path.join(root, "hold")})
     sweep.init_ray(num_cpus=2)
     try:
         yield
@@ -213,16 +215,23 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
     ray_cluster: None, tmp_path: Path, mlflow_db: str
 ) -> None:
     space = tmp_path / "steps.yaml"
-    # The 60-step trial is still running (with checkpoints) when the 30-step one completes.
+    # The 60-step trial is still running (with checkpoints) when the 30-step one completes: it
+    # waits at step 45 until the hold file goes. Without the hold it could finish while the
+    # 30-step trial logs its model, and the interrupt would find nothing left to interrupt.
     space.write_text("grid:\n  train.steps: [30, 60]\n")
+    hold = Path(os.environ["RAYGAN_HOLD_FILE"])
+    hold.write_text("45")
     runs, tracking = tmp_path / "runs", mlflow_db
     overrides = [*TINY, "checkpoint.every=10", f"storage.uri={runs}", f"tracking.uri={tracking}"]
     plan, storage = make_plan(
         "resume", str(space), "ring8", overrides, scheduler="fifo", max_concurrent=2
     )
-    first = sweep.run_sweep(
-        plan, storage, quiet=True, callbacks=[InterruptOnce(str(tmp_path / "interrupted"))]
-    )
+    try:
+        first = sweep.run_sweep(
+            plan, storage, quiet=True, callbacks=[InterruptOnce(str(tmp_path / "interrupted"))]
+        )
+    finally:
+        hold.unlink()
     assert first.interrupted
     assert sorted(first.statuses.values()) == ["COMPLETED", "INCOMPLETE"]
     folder = runs / "resume"
@@ -233,9 +242,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
     assert parent.info.status == "KILLED"
     statuses = {c.data.tags[TRIAL_TAG]: c.info.status for c in children}
     assert statuses[done] == "FINISHED"
-    # KILLED by the sweep, or FINISHED by its worker: Train workers run a report or two ahead of
-    # what Tune has seen, so this one may have ended its run before the interrupt reached it.
-    assert statuses[running] in ("KILLED", "FINISHED")
+    assert statuses[running] == "KILLED"  # held at step 45: it cannot have ended its run
 
     assert sweep.main(["--name", "resume", "--resume", f"storage.uri={runs}", "--quiet"]) == 0
 
