@@ -2,7 +2,7 @@
 
     python -m bench [--quick] [--suites ring8 grid25 stacked unroll fashion] [--jobs 2] [--fresh]
 
-Suites (BENCHMARKS.md sections 1 and 2; the rows and their configs are in ``plan`` below):
+Suites (docs/PROTOCOLS.md sections 1-3; the rows and their configs are in ``plan`` below):
 
 - ring8 / grid25: PacGAN's protocol (2,500 samples; HQ = within 3 std of the nearest mean; a mode
   is captured by >= 1 HQ sample; reverse KL over nearest-mean assignments), plain GAN on

@@ -1,6 +1,6 @@
 """Summaries and the markdown of docs/RESULTS.md for ``python -m bench`` (bench/reproduce.py).
 
-The published figures are copied from BENCHMARKS.md (which cites each paper's table) and never
+The published figures are copied from docs/PROTOCOLS.md (which cites each paper's table) and never
 edited; our rows sit beside them, each with its own protocol note where it differs.
 """
 
@@ -45,7 +45,7 @@ PUBLISHED_UNROLL: dict[str, list[tuple[str, str]]] = {
 }
 DEPTHS = (0, 1, 5, 10)
 
-# The bars of issue 7 / BENCHMARKS.md, checked on the medians over seeds.
+# The bars of issue 7 / docs/PROTOCOLS.md, checked on the medians over seeds.
 BARS: dict[str, dict[str, tuple[str, float]]] = {
     "ring8": {"modes": (">=", 8), "hq_pct": (">=", 95.0), "reverse_kl": ("<=", 0.05)},
     "grid25": {"modes": (">=", 25), "hq_pct": (">=", 95.0), "reverse_kl": ("<=", 0.05)},
@@ -143,9 +143,9 @@ def protocol_text(quick: bool) -> str:
         [
             "# raygan reproduction of the published mode-coverage tables"
             + (" (--quick: short budgets, not the bars' protocol)" if quick else ""),
-            "ring-8 / grid-25: PacGAN's protocol (BENCHMARKS.md 1): 2,500 samples, HQ = within 3 "
-            "std of the nearest mean, mode captured by >= 1 HQ sample, reverse KL over "
-            f"nearest-mean assignments; {seeds}",
+            "ring-8 / grid-25: PacGAN's protocol (docs/PROTOCOLS.md, section 1): 2,500 samples, "
+            "HQ = within 3 std of the nearest mean, mode captured by >= 1 HQ sample, reverse KL "
+            f"over nearest-mean assignments; {seeds}",
             "stacked digits: three 8x8 digits as channels (1,000 modes), modes and KL(generated "
             f"|| uniform) over 26,000 samples, labelled by the shipped digit classifier; {seeds}",
             "unroll table: unroll depth 0/1/5/10, D with 1/4 and 1/2 of G's base channels, "

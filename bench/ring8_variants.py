@@ -2,7 +2,7 @@
 
     python -m bench.ring8_variants [--data ring8|grid25] [--steps N] [--seeds 0 1 2] [--jobs 2]
 
-Protocol (BENCHMARKS.md section 1, PacGAN's definitions): 2,500 samples scored; a sample is
+Protocol (docs/PROTOCOLS.md section 1, PacGAN's definitions): 2,500 samples scored; a sample is
 high quality within 3 std of its nearest mean; a mode is captured by >= 1 HQ sample; reverse
 KL over nearest-mean assignments. Each variant is a preset (PacGAN-size nets unless the preset
 says otherwise) plus the shared overrides printed below; median over seeds, one torch thread
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", nargs="*", default=[], help="extra key=value for every run")
     args = parser.parse_args(argv)
 
-    print(f"# {args.data}: mode coverage per remedy (PacGAN protocol, BENCHMARKS.md section 1)")
+    print(f"# {args.data}: mode coverage per remedy (PacGAN protocol, docs/PROTOCOLS.md section 1)")
     print(f"budget: {args.steps} G steps, batch 100, seeds {args.seeds}, median over seeds")
     print(f"shared overrides: {' '.join(SHARED + args.set)}")
     print(f"machine: {machine()}", flush=True)

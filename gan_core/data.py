@@ -2,7 +2,7 @@
 
 Every dataset draws a batch with ``sample(n, generator)``: sampling is vectorised and depends only
 on the ``torch.Generator`` passed in, so a run's data stream is reproducible from its seed. The
-mixtures follow the PacGAN protocol (docs/BENCHMARKS.md, section 1); the digits are scikit-learn's
+mixtures follow the PacGAN protocol (docs/PROTOCOLS.md, section 1); the digits are scikit-learn's
 bundled 8x8 images (MNIST cannot be downloaded here), stacked three deep for the 1,000-mode
 experiment.
 """

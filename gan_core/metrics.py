@@ -1,4 +1,4 @@
-"""Mode-collapse metrics: the exact protocols of docs/BENCHMARKS.md sections 1 and 2.
+"""Mode-collapse metrics: the exact protocols of docs/PROTOCOLS.md sections 1 and 2.
 
 - 2D mixtures (PacGAN): modes captured, % high-quality samples, reverse KL over the modes.
 - Stacked digits / digits: a fixed digit classifier labels each channel; modes captured and

@@ -6,7 +6,7 @@ run) and hands the id to the Train worker, whose ``Tracker`` then logs the same 
 and sample grids into it as the training job does.
 
 A trial that a scheduler stops is killed where it stands: code after its last report may never
-run (PLATFORM.md), so its run would stay RUNNING. ``close_children`` therefore ends the children
+run (docs/PLATFORM.md): its run would stay RUNNING. ``close_children`` therefore ends the children
 from the sweep's side after ``Tuner.fit()``, with the status Tune saw. Tracking never stops a
 sweep: MLflow failures here are logged and the trial runs on (its worker then opens a run of its
 own, not nested).

@@ -1,4 +1,4 @@
-"""Tests for gan_core.metrics against hand-computed values of the BENCHMARKS.md protocols."""
+"""Tests for gan_core.metrics against hand-computed values of the docs/PROTOCOLS.md protocols."""
 
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ PLANTED_SECRETS = {
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """One private Ray for the module. Credentials and RAY_TMPDIR are set BEFORE ray.init so
-    that the raylet and every worker it starts inherit them (PLATFORM.md). Yields the folder
+    that the raylet and every worker it starts inherit them (docs/PLATFORM.md). Yields the folder
     that holds Ray's session (its logs included)."""
     import ray
 
