@@ -170,12 +170,7 @@ def _run_local(cfg: GanConfig, args: argparse.Namespace, data: FileData | None) 
         last = session.eval_payload(metrics)
         session.write_outputs(last)
         if session.checkpoint_due():
-            with tempfile.TemporaryDirectory() as tmp:
-                session.write_checkpoint(tmp, last)
-                folder = f"{prefix}/step_{run.model.step:07d}"
-                for path in sorted(Path(tmp).iterdir()):
-                    storage.write_bytes(f"{folder}/{path.name}", path.read_bytes())
-                checkpoint_uri = storage.run_uri(folder)
+            checkpoint_uri = session.save_to_storage(last)
 
     started = time.perf_counter()
     hooks = LoopHooks(on_eval=on_eval, on_step=nan_injector(), on_rollback=session.on_rollback)

@@ -16,7 +16,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from gan_core.files import FileData
 from gan_core.loop import GanRun, LoopHooks, NonFiniteError, format_eval
 from services.checkpoints import (
     CONFIG_FILE,
+    LOCAL_CHECKPOINTS,
     META_FILE,
     STATE_FILE,
     CheckpointError,
@@ -162,6 +163,23 @@ class WorkerSession:
             # Read now, not at start: a tracker that found MLflow down creates its run later.
             self.mlflow_run_id = self.tracker.run_id
         (Path(folder) / TRACKING_FILE).write_text(json.dumps({"run_id": self.mlflow_run_id}))
+
+    def save_to_storage(
+        self, metrics: dict[str, float], report: Callable[[str], None] | None = None
+    ) -> str:
+        """Write this step's checkpoint and copy it to ``<name>/local_checkpoints/step_N`` in
+        the run's storage: the layout of runs trained outside Ray Train (the local backend, a
+        one-worker Tune trial), which services.sample and services.model_log read. ``report``
+        gets the local folder while it still exists (a Tune trial hands it to ``tune.report``).
+        Returns the stored folder's URI."""
+        folder = f"{self.cfg.name}/{LOCAL_CHECKPOINTS}/step_{self.run.model.step:07d}"
+        with tempfile.TemporaryDirectory() as tmp:
+            self.write_checkpoint(tmp, metrics)
+            for path in sorted(Path(tmp).iterdir()):
+                self.storage.write_bytes(f"{folder}/{path.name}", path.read_bytes())
+            if report is not None:
+                report(tmp)
+        return self.storage.run_uri(folder)
 
     def on_rollback(self, run: GanRun, info: dict[str, Any]) -> None:
         """Rank 0: say loudly that the run rolled back, in the log and in MLflow."""
@@ -325,17 +343,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         session.dedupe_replayed_steps = False
     _wrap_for_ddp(session)
     session.start_tracking()
-    fail_at = int(os.environ.get("RAYGAN_FAIL_AT_STEP", "0"))
-    inject_nan = nan_injector()
-    hold = hold_gate()
-    if os.environ.get("RAYGAN_PID_DIR"):
-        # Test hook: lets a test SIGKILL a given rank's process from outside, by PID.
-        Path(os.environ["RAYGAN_PID_DIR"], f"rank{rank}.pid").write_text(str(os.getpid()))
-
-    def on_step(run: GanRun, metrics: dict[str, float]) -> None:
-        _maybe_inject_fault(run.model.step, fail_at, rank)
-        inject_nan(run, metrics)
-        hold(run.model.step)
+    on_step = test_hooks(rank)
 
     def on_eval(run: GanRun, metrics: dict[str, float]) -> None:
         payload = session.eval_payload(metrics)
@@ -359,6 +367,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         session.finish("FAILED")
         raise
     session.finish("FINISHED")
+
+
+def test_hooks(rank: int) -> Callable[[GanRun, dict[str, float]], None]:
+    """The ``on_step`` hook of every process that trains: the test hooks below, each a no-op
+    unless its RAYGAN_* variable is set."""
+    fail_at = int(os.environ.get("RAYGAN_FAIL_AT_STEP", "0"))
+    inject_nan = nan_injector()
+    hold = hold_gate()
+    if os.environ.get("RAYGAN_PID_DIR"):
+        # Test hook: lets a test SIGKILL a given rank's process from outside, by PID.
+        Path(os.environ["RAYGAN_PID_DIR"], f"rank{rank}.pid").write_text(str(os.getpid()))
+
+    def on_step(run: GanRun, metrics: dict[str, float]) -> None:
+        _maybe_inject_fault(run.model.step, fail_at, rank)
+        inject_nan(run, metrics)
+        hold(run.model.step)
+
+    return on_step
 
 
 def _maybe_inject_fault(step: int, fail_at: int, rank: int) -> None:

@@ -57,6 +57,9 @@ class SweepPlan:
     reduction_factor: int = 2  # ASHA: keep the best 1/reduction_factor at each rung
     perturbation_interval: int = 2  # PBT: reports between exploit/explore decisions
     pbt_synch: bool = False  # PBT: wait for the whole population at each decision
+    # How a trial trains: "process" (in the trial's own process, one CPU worker), "train" (a Ray
+    # Train job), "auto" (process where it can: tuning.trial.runs_in_process).
+    trial_runner: str = "auto"
     tracking_uri: str = ""
     parent_run_id: str | None = None
 
@@ -163,6 +166,9 @@ def make_plan(
     return plan, storage
 
 
+TRIAL_RUNNERS = ("auto", "process", "train")
+
+
 def _check_settings(plan: SweepPlan) -> None:
     _check(
         plan.scheduler in SCHEDULERS,
@@ -186,7 +192,24 @@ def _check_settings(plan: SweepPlan) -> None:
         plan.perturbation_interval,
         ">= 1 report",
     )
+    _check(
+        plan.trial_runner in TRIAL_RUNNERS,
+        "--trial-runner",
+        plan.trial_runner,
+        "one of " + ", ".join(TRIAL_RUNNERS),
+    )
     space = plan.space
+    if plan.trial_runner == "process":
+        resources = [k for k in space.knobs if k.startswith("resources.")]
+        _check(
+            plan.base["resources.num_workers"] == 1
+            and not plan.base["resources.use_gpu"]
+            and not resources,
+            "--trial-runner",
+            plan.trial_runner,
+            "'auto' or 'train' for trials with more than one worker, a GPU or a resources knob "
+            "(a trial trained in its own process has one CPU worker)",
+        )
     data_names = {plan.base["data.name"], *space.grid.get("data.name", [])}
     _check(
         plan.metric != DEFAULT_METRIC or "parquet" not in data_names,

@@ -24,7 +24,7 @@ An interrupted sweep (Ctrl+C, a lost driver) resumes with ``--name SWEEP --resum
 same ``storage.*`` overrides, if any): ``Tuner.restore`` reruns only the unfinished trials, each
 from its last checkpoint. Under ``ray job submit --working-dir . -- python -m tuning.sweep ...``
 it joins the job's cluster; standalone it starts a private Ray on 127.0.0.1 (dashboard on: Tune
-needs it, PLATFORM.md).
+needs it, docs/PLATFORM.md).
 """
 
 from __future__ import annotations
@@ -49,11 +49,20 @@ from services.preflight import DataError, preflight
 from services.storage import Storage, StorageError, open_storage, ray_storage_args, redact
 from services.tracking import Tracker
 from tuning.objective import DEFAULT_METRIC, DEFAULT_MODE
-from tuning.plan import RUNS_DIR, SCHEDULERS, SweepPlan, load_plan, make_plan, plan_path, save_plan
+from tuning.plan import (
+    RUNS_DIR,
+    SCHEDULERS,
+    TRIAL_RUNNERS,
+    SweepPlan,
+    load_plan,
+    make_plan,
+    plan_path,
+    save_plan,
+)
 from tuning.report import best_row, load_rows, write_report
 from tuning.runs import close_children
 from tuning.spaces import describe_knobs, pbt_mutations, space_names, tune_param_space
-from tuning.trial import TRIAL_RESOURCES, TrialSettings, run_trial, trial_name
+from tuning.trial import TrialSettings, run_trial, runs_in_process, trial_name, trial_resources
 
 log = logging.getLogger("raygan.tuning")
 
@@ -97,6 +106,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=1,
         help="Ray Train workers per trial (resources.num_workers)",
+    )
+    parser.add_argument(
+        "--trial-runner",
+        choices=TRIAL_RUNNERS,
+        default="auto",
+        help="how a trial trains: in its own process (one CPU worker; auto's choice there) or "
+        "as a Ray Train job (auto's choice for more workers or a GPU)",
     )
     parser.add_argument("--name", default="", help="sweep name (default: SPACE-SCHEDULER)")
     parser.add_argument(
@@ -161,6 +177,7 @@ def plan_from_args(args: argparse.Namespace) -> tuple[SweepPlan, Storage]:
         reduction_factor=args.reduction_factor,
         perturbation_interval=args.perturbation_interval,
         pbt_synch=args.pbt_synch,
+        trial_runner=args.trial_runner,
     )
     if storage.exists(plan_path(name)):
         raise ConfigError(
@@ -256,9 +273,10 @@ def run_sweep(
         parent_run_id=plan.parent_run_id,
         quiet=not verbose,
         verbose=verbose,
+        in_process=runs_in_process(plan),
     )
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, settings=settings), TRIAL_RESOURCES
+        tune.with_parameters(run_trial, settings=settings), trial_resources(settings)
     )
     experiment = f"{storage.root}/{plan.name}"
     filesystem = storage.filesystem if storage.is_s3 else None
@@ -293,7 +311,11 @@ def run_sweep(
                 checkpoint_config=tune.CheckpointConfig(
                     num_to_keep=None if plan.scheduler == "pbt" else 2
                 ),
-                failure_config=tune.FailureConfig(max_failures=0),
+                # A Train trial's workers are restarted by Train (resources.max_failures); a
+                # trial trained in its own process is restarted by Tune, from its checkpoint.
+                failure_config=tune.FailureConfig(
+                    max_failures=plan.base["resources.max_failures"] if settings.in_process else 0
+                ),
                 callbacks=callbacks,
                 verbose=0 if quiet else (2 if verbose else 1),
                 **ray_storage_args(storage),

@@ -1,4 +1,5 @@
-"""One Tune trial: a driver function that builds and fits a Ray Train ``TorchTrainer``.
+"""One Tune trial: a driver function that builds and fits a Ray Train ``TorchTrainer``, or,
+for one CPU worker, trains in its own process (``tuning.inprocess``; ``runs_in_process``).
 
 Since Train V2, ``Tuner(TorchTrainer(...))`` is gone: each trial runs ``run_trial`` (0 CPU, see
 ``TRIAL_RESOURCES``), which trains the trial's config with the same worker code as the training
@@ -43,12 +44,13 @@ from ray.train import (
 from gan_core.config import GanConfig, from_dict
 from services.launch import make_trainer
 from tuning.objective import with_score
+from tuning.plan import SweepPlan
 from tuning.runs import child_run_id
 
 log = logging.getLogger("raygan.tuning")
 
 # The driver only waits on its Train run: no CPU, or the workers could never fit on 2 cores; Tune
-# rejects {"cpu": 0} alone, hence the token memory (PLATFORM.md, "Ray Tune + Train").
+# rejects {"cpu": 0} alone, hence the token memory (docs/PLATFORM.md, "Ray Tune + Train").
 TRIAL_RESOURCES = {"cpu": 0, "memory": 10 * 1024**2}
 _POLL_S = 0.5
 
@@ -64,6 +66,7 @@ class TrialSettings:
     parent_run_id: str | None
     quiet: bool = True
     verbose: bool = False
+    in_process: bool = False  # one CPU worker per trial: trained in the trial (tuning.inprocess)
 
     def trial_config(self, knobs: dict[str, Any], trial: str) -> GanConfig:
         """The config a trial trains: base + knobs, named after the trial, stored in the sweep."""
@@ -80,6 +83,28 @@ class TrialSettings:
 def trial_name(trial: Any) -> str:
     """Tune's trial and folder name: short and stable across restores (no parameters, no date)."""
     return f"trial_{trial.trial_id}"
+
+
+def runs_in_process(plan: SweepPlan) -> bool:
+    """Whether a sweep's trials train in their own process: ``--trial-runner process``, or
+    ``auto`` with one CPU worker per trial and no knob that changes the resources (Tune's
+    resource request is fixed per sweep). ``train`` makes every trial a Ray Train job."""
+    if plan.trial_runner != "auto":
+        return plan.trial_runner == "process"  # "process" was checked against the same rules
+    base = plan.base
+    return (
+        int(base["resources.num_workers"]) == 1
+        and not base["resources.use_gpu"]
+        and not any(k.startswith("resources.") for k in plan.space.knobs)
+    )
+
+
+def trial_resources(settings: TrialSettings) -> dict[str, float]:
+    """What Tune reserves per trial: the worker's CPUs when it trains in the trial's process;
+    else none, as its Train workers reserve their own."""
+    if settings.in_process:
+        return {"cpu": float(settings.base["resources.cpus_per_worker"])}
+    return TRIAL_RESOURCES
 
 
 def train_run_name(trial: str, start_path: str | None) -> str:
@@ -143,6 +168,11 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
         train_config["mlflow_run_id"] = child_run_id(
             settings.tracking_uri, settings.parent_run_id, settings.sweep, trial, config
         )
+    if settings.in_process:
+        from tuning.inprocess import run_in_process
+
+        run_in_process(cfg, start, train_config.get("mlflow_run_id"), quiet=settings.quiet)
+        return
     mailbox = ray.remote(num_cpus=0)(Mailbox).remote()
     trainer = make_trainer(
         cfg,

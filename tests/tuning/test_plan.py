@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,8 @@ def test_pbt_checkpoints_every_report_and_needs_mutable_keys(tmp_path: Path) -> 
         ({"num_samples": 0}, "--num-samples"),
         ({"reduction_factor": 1}, "--reduction-factor"),
         ({"workers_per_trial": 0}, "--workers-per-trial"),
+        ({"trial_runner": "thread"}, "--trial-runner"),
+        ({"trial_runner": "process", "workers_per_trial": 2}, "--trial-runner"),
     ],
 )
 def test_bad_settings_are_refused(tmp_path: Path, kwargs: dict, key: str) -> None:
@@ -148,3 +151,41 @@ def test_cli_refuses_to_overwrite_and_resumes_by_name(tmp_path: Path) -> None:
     assert resumed == plan
     with pytest.raises(ConfigError):
         plan_from_args(_args(["--resume", *storage_args(tmp_path)]))
+
+
+@pytest.mark.parametrize(
+    ("runner", "workers", "overrides", "in_process"),
+    [
+        ("auto", 1, [], True),
+        ("auto", 2, [], False),
+        ("auto", 1, ["resources.use_gpu=true"], False),
+        ("train", 1, [], False),
+        ("process", 1, [], True),
+    ],
+)
+def test_where_a_trial_trains(
+    tmp_path: Path, runner: str, workers: int, overrides: list[str], in_process: bool
+) -> None:
+    """One CPU worker trains in the trial's process unless told otherwise; the rest are Train
+    jobs. Tune reserves the worker's CPUs for an in-process trial and none for a Train trial's
+    driver (its workers reserve their own)."""
+    from tuning.trial import TRIAL_RESOURCES, TrialSettings, runs_in_process, trial_resources
+
+    plan, _ = make_plan(
+        "w",
+        "unroll",
+        "ring8",
+        [*storage_args(tmp_path), "resources.cpus_per_worker=1.5", *overrides],
+        workers_per_trial=workers,
+        trial_runner=runner,
+    )
+    assert runs_in_process(plan) is in_process
+    settings = TrialSettings("w", plan.base, "", "", None, in_process=in_process)
+    assert trial_resources(settings) == ({"cpu": 1.5} if in_process else TRIAL_RESOURCES)
+
+
+def test_a_plan_saved_before_trial_runners_loads_as_auto(tmp_path: Path) -> None:
+    plan, storage = make_plan("old", "unroll", "ring8", storage_args(tmp_path))
+    data = json.loads(plan.to_json())
+    del data["trial_runner"]
+    assert SweepPlan.from_json(json.dumps(data)).trial_runner == "auto"

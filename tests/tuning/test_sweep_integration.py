@@ -248,9 +248,11 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
 
     assert (folder / done / "result.json").read_bytes() == done_results  # not rerun
     train_runs = sorted(p.name for p in (folder / "runs").iterdir())
-    assert train_runs.count(done) == 1 and not any(r.startswith(f"{done}-") for r in train_runs)
-    # The unfinished trial went on from its last checkpoint in a fresh Train run.
-    assert any(r.startswith(f"{running}-from-") for r in train_runs)
+    assert train_runs == sorted([done, running])
+    # One-worker trials train in the trial's process, their checkpoints in the local layout:
+    # the unfinished one went on from step 40 (its last before the hold) to 60.
+    stored = sorted(p.name for p in (folder / "runs" / running / "local_checkpoints").iterdir())
+    assert stored == [f"step_{s:07d}" for s in (10, 20, 30, 40, 50, 60)]
     last = trials(folder)[running].last_result
     # Its iteration count went on from the checkpoint: a restart from scratch would add 6.
     assert (last["step"], last["training_iteration"]) == (60, 6)
@@ -327,11 +329,26 @@ def test_pbt_mutated_learning_rates_reach_the_optimizer(
     )
 
 
+# One worker per trial trains in the trial's process (tuning.inprocess); two make every trial a
+# Ray Train job (tuning.trial's TorchTrainer, ForwardToTune and log_result_generator), here with
+# half a CPU per worker so that two trials fit the 2-CPU cluster.
+RUNNERS = {
+    "in-process": [],
+    "train-job": ["--workers-per-trial", "2", "resources.cpus_per_worker=0.5"],
+}
+
+
+@pytest.mark.parametrize("runner", sorted(RUNNERS))
 def test_a_diverged_trial_errors_with_its_reason(
-    ray_cluster: None, tmp_path: Path, mlflow_db: str, capsys: pytest.CaptureFixture[str]
+    runner: str,
+    ray_cluster: None,
+    tmp_path: Path,
+    mlflow_db: str,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """``train.on_nonfinite=stop`` in a sweep: the trial that diverges ends as a Tune ERROR whose
-    reason reaches Tune's error file, the report and its MLflow run; the other trial is unharmed."""
+    reason reaches Tune's error file, the report and its MLflow run; the other trial is unharmed
+    and logs its generator. Both ways a trial can train."""
     space = tmp_path / "nan.yaml"
     space.write_text("grid:\n  g_optim.lr: [2.0e-3, 1.0e30]\nfixed:\n  train.on_nonfinite: stop\n")
     runs, tracking = tmp_path / "runs", mlflow_db
@@ -346,6 +363,7 @@ def test_a_diverged_trial_errors_with_its_reason(
             "--max-concurrent",
             "2",
             "--quiet",
+            *RUNNERS[runner],
             *TINY,
             "train.steps=20",
             f"storage.uri={runs}",
@@ -371,3 +389,10 @@ def test_a_diverged_trial_errors_with_its_reason(
     assert reason in child[bad].data.tags["raygan.error"]
     assert "non-finite" in child[bad].data.tags["raygan.stop_reason"]  # set by the worker
     assert child[good].info.status == "FINISHED" and child[good].data.metrics["step"] == 20
+    model_uri = f"runs:/{child[good].info.run_id}/generator"
+    assert child[good].data.tags["raygan.model_uri"] == model_uri
+    assert "raygan.model_uri" not in child[bad].data.tags
+    assert f"Model: `{model_uri}`" in text
+    # Where the trial's checkpoints are: Train's checkpoint folders, or the local layout.
+    kept = "checkpoint_*" if runner == "train-job" else "local_checkpoints/step_*"
+    assert list((runs / "nan" / "runs" / good).glob(kept))
