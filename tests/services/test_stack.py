@@ -440,9 +440,14 @@ def _submit_sweep_job(
     # the job's last line name the best one's.
     models = {c.data.tags.get("raygan.model_uri") for c in children}
     assert models == {f"runs:/{c.info.run_id}/generator" for c in children}
+    # Read once: a second read() of the body returns b"" (this once failed the test whenever the
+    # best model came second in the set's hash order).
     report = s3_client.get_object(Bucket="raygan", Key="runs/submitted-sweep/report.md")
-    best = [m for m in models if f"Model: `{m}`" in report["Body"].read().decode()]
+    text = report["Body"].read().decode()
+    best = [m for m in models if f"Model: `{m}`" in text]
     # Each trial noted its model in runs/<trial>/model.json, which the report reads.
-    noted = sorted(k for k in keys if k.endswith("/model.json"))
-    why = f"model.json: {noted}\n{done.stdout[-4000:]}\n{done.stderr[-2000:]}"
-    assert len(best) == 1 and f"best model: {best[0]}" in done.stdout, why
+    assert sorted(k for k in keys if k.endswith("/model.json")) == [
+        f"runs/submitted-sweep/runs/{c.data.tags['raygan.trial']}/model.json"
+        for c in sorted(children, key=lambda c: c.data.tags["raygan.trial"])
+    ]
+    assert len(best) == 1 and f"best model: {best[0]}" in done.stdout, done.stdout[-4000:]
