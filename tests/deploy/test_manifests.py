@@ -45,8 +45,17 @@ YAML_FILES = (CONFIG_YAML, RAYCLUSTER_YAML, *RAYJOB_YAMLS, AWS_YAML)
 
 CONFIG_MAP = "raygan-config"
 SECRET = "raygan-credentials"
-# Ray's auth token: required (token auth stays on), created with `kubectl create secret`.
+# Ray's auth token: required (token auth stays on), created with `kubectl create secret` and
+# named in every cluster spec's ``authOptions.secretName``. ``auth_token`` is the data key KubeRay
+# reads (``utils.RAY_AUTH_TOKEN_SECRET_KEY`` in ray-operator, v1.6.0 to v1.7.0).
 TOKEN_SECRET = "raygan-ray-token"
+TOKEN_KEY = "auth_token"
+# What KubeRay puts into the Ray containers, the autoscaler and the submitter when authOptions
+# is on, each only where the container does not set it (``SetContainerTokenAuthEnvVars``): one set
+# in a manifest shadows the operator's, so a manifest sets none of them.
+KUBERAY_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ENABLE_K8S_TOKEN_AUTH")
+# KubeRay refuses authOptions.mode token below this Ray (``ValidateRayClusterSpec``).
+TOKEN_AUTH_MIN_RAY = (2, 52, 0)
 CREDENTIAL_WORDS = ("SECRET", "TOKEN", "PASSWORD", "KEY")
 AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
 GPU = "nvidia.com/gpu"
@@ -246,6 +255,15 @@ DEFS: dict[str, Any] = {
             "workerGroupSpecs": array(ref("workerGroupSpec"), min_items=1),
             "headServiceAnnotations": STRING_MAP,
             "suspend": BOOL,
+            # AuthOptions (KubeRay v1.6.0+; v1.5.1 has mode only): secretName names a Secret
+            # holding the data key auth_token; enableK8sTokenAuth delegates to Kubernetes RBAC.
+            "authOptions": strict(
+                {
+                    "mode": {"enum": ["disabled", "token"]},
+                    "secretName": DNS_NAME,
+                    "enableK8sTokenAuth": BOOL,
+                }
+            ),
         },
         ("rayVersion", "headGroupSpec", "workerGroupSpecs"),
     ),
@@ -488,20 +506,8 @@ def cluster_problems(doc: dict[str, Any], config: dict[str, dict[str, Any]]) -> 
                 problems.append(f"{where}: envFrom a ConfigMap other than {CONFIG_MAP}")
             if source.get("secretRef", {"name": SECRET})["name"] != SECRET:
                 problems.append(f"{where}: envFrom a Secret other than {SECRET}")
-        envs = {env["name"]: env for env in container.get("env", [])}
-        if envs.get("RAY_AUTH_MODE", {}).get("value") != "token":
-            problems.append(f"{where}: RAY_AUTH_MODE is not 'token' (Ray's token auth is off)")
-        token = envs.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef", {})
-        if (
-            token.get("name") != TOKEN_SECRET
-            or token.get("key") != "token"
-            or token.get("optional")
-        ):
-            problems.append(f"{where}: RAY_AUTH_TOKEN must come from {TOKEN_SECRET}/token")
         for env in container.get("env", []):
             selector = env.get("valueFrom", {}).get("secretKeyRef")
-            if env["name"] == "RAY_AUTH_TOKEN":
-                continue
             if selector and (selector["name"] != SECRET or selector["key"] not in secret_keys):
                 problems.append(
                     f"{where}: {env['name']} reads {selector['name']}/{selector['key']},"
@@ -510,6 +516,60 @@ def cluster_problems(doc: dict[str, Any], config: dict[str, dict[str, Any]]) -> 
             if selector and selector.get("optional") is not True:
                 problems.append(f"{where}: {env['name']} must be optional (IRSA needs no Secret)")
     return problems
+
+
+def token_auth_problems(doc: dict[str, Any]) -> list[str]:
+    """Ray's token auth switched on KubeRay's way, and the old pod-env way gone.
+
+    With ``authOptions: {mode: token, secretName: ...}`` the operator itself reads the Secret's
+    ``auth_token`` for its job-status calls and puts the token into every Ray container, the
+    autoscaler sidecar and the RayJob submitter. Set only as pod env vars (the old way), Ray
+    enforces the token but the operator and the autoscaler do not have it.
+    """
+    spec = cluster_spec(doc)
+    auth = spec.get("authOptions") or {}
+    problems = []
+    if auth.get("mode") != "token":
+        problems.append(
+            f"authOptions.mode is {auth.get('mode')!r}, not 'token': KubeRay's operator and"
+            " autoscaler get no token (or Ray's token auth is off)"
+        )
+    if auth.get("secretName") != TOKEN_SECRET:
+        problems.append(
+            f"authOptions.secretName is {auth.get('secretName')!r}, not {TOKEN_SECRET!r}"
+            f" (the Secret with key {TOKEN_KEY} that config.yaml and deploy/README.md create)"
+        )
+    if auth.get("enableK8sTokenAuth"):
+        problems.append(
+            "authOptions.enableK8sTokenAuth: KubeRay refuses it with secretName and in a RayJob"
+        )
+    version = tuple(int(part) for part in str(spec.get("rayVersion", "0.0.0")).split("."))
+    if version < TOKEN_AUTH_MIN_RAY:
+        problems.append(f"rayVersion {spec.get('rayVersion')}: KubeRay's token auth needs 2.52.0+")
+    for where, container in containers(doc):
+        for env in container.get("env", []):
+            selector = env.get("valueFrom", {}).get("secretKeyRef", {})
+            if env["name"] in KUBERAY_AUTH_ENV:
+                problems.append(
+                    f"{where}: sets {env['name']} itself; KubeRay sets it from authOptions and"
+                    " skips a container that already has it (the old way shadows the new)"
+                )
+            elif selector.get("name") == TOKEN_SECRET:
+                problems.append(f"{where}: {env['name']} reads Ray's token; only KubeRay should")
+        for source in container.get("envFrom", []):
+            if source.get("secretRef", {}).get("name") == TOKEN_SECRET:
+                problems.append(f"{where}: envFrom {TOKEN_SECRET}; KubeRay passes the token")
+    return problems
+
+
+_TOKEN_SECRET_KEY_USE = re.compile(
+    rf"{TOKEN_SECRET}\b[^\n]*?(?:--from-literal=|--from-file=|\.data\.)(\w+)"
+)
+
+
+def token_secret_keys(text: str) -> list[str]:
+    """The data keys that the commands in ``text`` give or read in the token Secret."""
+    return _TOKEN_SECRET_KEY_USE.findall(text.replace("\\\n", " "))
 
 
 def gpu_capacity(spec: dict[str, Any]) -> int:
@@ -988,13 +1048,106 @@ def test_the_cluster_check_rejects_a_broken_cluster(
         "required secret": _set(
             raycluster, f"{HEAD_CONTAINER}.env.2.valueFrom.secretKeyRef.optional", False
         ),
-        "token auth off": _set(raycluster, f"{HEAD_CONTAINER}.env.0.value", "disabled"),
-        "optional token": _set(
-            raycluster, f"{HEAD_CONTAINER}.env.1.valueFrom.secretKeyRef.optional", True
-        ),
     }
     for name, doc in broken.items():
         assert cluster_problems(doc, config), name
+
+
+# ---------------------------------------------------------------- tests: Ray's token auth
+
+
+@pytest.mark.parametrize("path", (RAYCLUSTER_YAML, *RAYJOB_YAMLS), ids=lambda p: p.name)
+def test_token_auth_is_kuberays_authoptions(path: Path) -> None:
+    (doc,) = load_docs(path)
+    assert cluster_spec(doc)["authOptions"] == {"mode": "token", "secretName": TOKEN_SECRET}
+    assert token_auth_problems(doc) == []
+
+
+def _env_entry(name: str, secret: str = TOKEN_SECRET, key: str = TOKEN_KEY) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def test_the_token_auth_check_rejects_the_old_way_and_half_ways(
+    raycluster: dict[str, Any], config: dict[str, dict[str, Any]]
+) -> None:
+    (job,) = load_docs(RAYJOB_YAMLS[0])
+    head_env = raycluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    submitter = "spec.submitterPodTemplate.spec.containers.0"
+    # The manifests before KubeRay's auth: pod env vars only, the Secret's key named `token`.
+    old_way = _set(raycluster, "spec.authOptions", DELETE)
+    old_way = _set(
+        old_way,
+        f"{HEAD_CONTAINER}.env",
+        [
+            {"name": "RAY_AUTH_MODE", "value": "token"},
+            _env_entry("RAY_AUTH_TOKEN", key="token"),
+            *head_env,
+        ],
+    )
+    broken = {
+        "old way": old_way,
+        "no authOptions": _set(raycluster, "spec.authOptions", DELETE),
+        "auth disabled": _set(raycluster, "spec.authOptions.mode", "disabled"),
+        "mode left to the default": _set(raycluster, "spec.authOptions.mode", DELETE),
+        "KubeRay's generated Secret": _set(raycluster, "spec.authOptions.secretName", DELETE),
+        "another Secret": _set(raycluster, "spec.authOptions.secretName", "ray-token"),
+        "Kubernetes RBAC auth": _set(raycluster, "spec.authOptions.enableK8sTokenAuth", True),
+        "Ray too old for it": _set(raycluster, "spec.rayVersion", "2.51.1"),
+        "worker shadows the mode": _set(
+            raycluster,
+            f"{WORKER_CONTAINER}.env",
+            [{"name": "RAY_AUTH_MODE", "value": "disabled"}],
+        ),
+        "head shadows the token": _set(
+            raycluster, f"{HEAD_CONTAINER}.env", [_env_entry("RAY_AUTH_TOKEN"), *head_env]
+        ),
+        "token under another name": _set(
+            raycluster, f"{HEAD_CONTAINER}.env", [_env_entry("RAY_TOKEN"), *head_env]
+        ),
+        "token as envFrom": _set(
+            raycluster, f"{HEAD_CONTAINER}.envFrom", [{"secretRef": {"name": TOKEN_SECRET}}]
+        ),
+        "submitter keeps the old env": _set(
+            job, f"{submitter}.env", [{"name": "RAY_AUTH_MODE", "value": "token"}]
+        ),
+        "RayJob without authOptions": _set(job, "spec.rayClusterSpec.authOptions", DELETE),
+    }
+    for name, doc in broken.items():
+        assert schema_problems(doc) == [], name  # each is a valid KubeRay object ...
+        assert token_auth_problems(doc), name  # ... that the token check refuses
+    # The old way also breaks the other checks: its token Secret is not the credentials Secret.
+    assert cluster_problems(old_way, config)
+
+
+def test_the_schema_knows_kuberays_authoptions(raycluster: dict[str, Any]) -> None:
+    assert schema_problems(_set(raycluster, "spec.authOptions.mode", "Token"))
+    assert schema_problems(_set(raycluster, "spec.authOptions.secret", TOKEN_SECRET))  # typo
+    assert schema_problems(_set(raycluster, "spec.authOption", {"mode": "token"}))  # typo
+    assert schema_problems(_set(raycluster, "spec.authOptions.enableK8sTokenAuth", "yes"))
+
+
+def test_the_token_secret_is_one_name_and_one_key_everywhere() -> None:
+    clusters = [doc for _, doc in kuberay_docs() if doc["kind"] in ("RayCluster", "RayJob")]
+    assert len(clusters) == 1 + len(RAYJOB_YAMLS)
+    assert {cluster_spec(doc)["authOptions"]["secretName"] for doc in clusters} == {TOKEN_SECRET}
+    keys = {
+        path.name: token_secret_keys(path.read_text())
+        for path in (CONFIG_YAML, RAYCLUSTER_YAML, *RAYJOB_YAMLS, README)
+    }
+    # config.yaml creates the Secret; the README creates it and reads the token back from it.
+    assert keys[CONFIG_YAML.name] == [TOKEN_KEY]
+    assert len(keys[README.name]) >= 2
+    assert {key for found in keys.values() for key in found} == {TOKEN_KEY}
+
+
+def test_token_secret_keys_are_found_in_commands() -> None:
+    text = (
+        f"kubectl create secret generic {TOKEN_SECRET} \\\n"
+        '    --from-literal=token="$(openssl rand -hex 32)"\n'
+        f"kubectl get secret {TOKEN_SECRET} -o jsonpath='{{.data.auth_token}}'\n"
+        f"kubectl create secret generic {TOKEN_SECRET}x --from-file=auth_token=t\n"
+    )
+    assert token_secret_keys(text) == ["token", "auth_token"]
 
 
 def test_ray_version_matches_constraints() -> None:
