@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -23,7 +24,18 @@ PRESET_DIR = Path(__file__).parent / "presets"
 DATASETS = ("ring8", "grid25", "digits", "stacked_digits", "parquet", "image_folder")
 # Data sets read from files (gan_core.files): streamed, not generated.
 FILE_DATA = ("parquet", "image_folder")
-OBJECTIVES = ("minimax", "nonsaturating", "wgan-gp", "dragan", "ebgan", "madgan", "mrgan")
+OBJECTIVES = (
+    "minimax",
+    "nonsaturating",
+    "wgan",
+    "wgan-gp",
+    "dragan",
+    "ebgan",
+    "madgan",
+    "mrgan",
+)
+# Objectives whose D is a critic scored by the Wasserstein estimate E[D(x)] - E[D(G(z))].
+WASSERSTEIN_OBJECTIVES = ("wgan", "wgan-gp")
 ARCHS = ("mlp", "dcgan")
 # Every data set, labelled or not, reports the Frechet distance and the k-NN measures of
 # gan_core.manifold: in raw coordinates for points, in the feature space eval.features picks for
@@ -47,7 +59,7 @@ EVAL_METRICS: dict[str, tuple[str, ...]] = {
 EVAL_FEATURES = ("auto", "labels", "digits", "random")
 TORCHSCRIPT_SUFFIX = ".pt"
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "elu")
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam", "sgd", "rmsprop")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 NONFINITE_POLICIES = ("rollback", "stop", "continue")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -61,15 +73,45 @@ MAX_GENERATORS = 5000
 # Fourier features per point: far beyond useful (64 suffice for grid-25), small enough to build.
 MAX_FOURIER = 4096
 POINT_DATA = ("ring8", "grid25")
+# Unrolled GAN look-ahead steps: each G step runs k D updates (the paper uses k <= 10, the bench
+# 10); beyond this a G step costs over a thousand D steps, and second order keeps all k alive.
+MAX_UNROLL_STEPS = 1000
+# Run names become a folder and a prefix of Ray's and MLflow's own names (255-byte file names,
+# with suffixes Ray appends); Ray's metrics fail on non-ASCII text inside a worker.
+MAX_NAME_LENGTH = 100
+# A config file is a few hundred bytes; anything far larger is not one (and is not read whole).
+MAX_CONFIG_BYTES = 2**20
+# The most characters of a key or value an error shows: enough to recognise a typo, never a
+# whole file that was not a config (a key that is the file's first line, a credential).
+MAX_SHOWN = 80
 _DOTTED_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
+def _short(text: str, limit: int = MAX_SHOWN) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class ConfigError(ValueError):
-    """A config value that is unknown, mistyped, out of range or incompatible with another."""
+    """A config value that is unknown, mistyped, out of range or incompatible with another.
+
+    The message shows at most MAX_SHOWN characters of the key and of the value's repr; the
+    attributes keep them whole."""
 
     def __init__(self, key: str, value: Any, allowed: str, source: str = "<overrides>") -> None:
         self.key, self.value, self.allowed, self.source = key, value, allowed, source
-        super().__init__(f"{source}: {key}={value!r} is invalid; allowed: {allowed}")
+        shown = f"{_short(str(key))}={_short(repr(value))}"
+        super().__init__(f"{source}: {shown} is invalid; allowed: {allowed}")
+
+
+class _Hidden:
+    """Stands in an error for a value that is not shown: a file's unknown key may hold anything
+    (a credentials file's secret), so only the key is named."""
+
+    def __repr__(self) -> str:
+        return "<not shown>"
+
+
+_NOT_SHOWN = _Hidden()
 
 
 @dataclass
@@ -142,6 +184,9 @@ class ObjectiveConfig:
     name: str = "nonsaturating"
     gp_weight: float = 10.0  # WGAN-GP and DRAGAN penalty weight (lambda)
     n_critic: int = 1  # D updates per G update
+    # WGAN (Arjovsky et al. 2017): every critic weight is clipped to [-clip, clip] after each
+    # critic update. Read by objective wgan only.
+    clip: float = 0.01
     dragan_noise: float = 0.5  # DRAGAN perturbation scale c: x + c * std(x) * U[0, 1)
     ebgan_margin: float = 1.0
     ebgan_pt_weight: float = 0.1  # pulling-away term weight
@@ -156,6 +201,9 @@ class OptimizerConfig:
     lr: float = 1e-4
     beta1: float = 0.5
     beta2: float = 0.999
+    # rmsprop: decay of the running mean of squared gradients (torch's default, and the WGAN
+    # authors' code). Adam and SGD ignore it, as rmsprop and sgd ignore the betas.
+    alpha: float = 0.99
 
 
 @dataclass
@@ -277,7 +325,9 @@ def _resolve_source(
 _ABSENT = object()
 
 
-def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+def _merge(base: DictConfig, other: Any, source: str, show_unknown: bool = True) -> DictConfig:
+    """``other`` merged onto ``base``; ``show_unknown=False`` (files) names an unknown key
+    without its value."""
     try:
         return OmegaConf.merge(base, other)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
@@ -299,6 +349,8 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
         value = _lookup(plain, key)
         if value is _ABSENT:
             value = _bad_value(exc)
+        if isinstance(exc, ConfigKeyError) and not show_unknown:
+            value = _NOT_SHOWN
         raise ConfigError(key, value, _allowed_for(key, exc), source) from None
 
 
@@ -348,7 +400,7 @@ def _allowed_for(key: str, exc: OmegaConfBaseException) -> str:
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         return "known keys: " + ", ".join(_known_keys(parent))
     typ = _field_type(key)
-    return f"a value of type {typ}" if typ else str(exc).splitlines()[0]
+    return f"a value of type {typ}" if typ else _reason(exc)
 
 
 def _known_keys(parent: str) -> list[str]:
@@ -372,8 +424,9 @@ def _field_type(key: str) -> str:
 
 
 def _reason(exc: Exception) -> str:
-    """An OmegaConf/YAML exception's first line (its message runs on with context lines)."""
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    """An OmegaConf/YAML exception's first line (its message runs on with context lines, and may
+    quote a value: shortened)."""
+    return _short(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
 
 
 def parse_overrides(overrides: list[str]) -> DictConfig:
@@ -399,6 +452,8 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
                 text,
                 f"a YAML value; quote text with special characters: {key}='...' ({_reason(exc)})",
             ) from None
+        if "${" in text:
+            raise ConfigError(key, text, NO_INTERPOLATION)
         try:
             merged.merge_with_dotlist([item])
         except Exception as exc:
@@ -412,16 +467,103 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
     return merged
 
 
+NO_INTERPOLATION = (
+    "a plain value, not an interpolation: configs do not resolve ${...} (it would read "
+    "environment variables into values that are printed and logged); copy the value in"
+)
+
+
+def _has_interpolation(value: Any) -> bool:
+    if isinstance(value, str):
+        return "${" in value
+    if isinstance(value, dict):
+        return any(_has_interpolation(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_has_interpolation(v) for v in value)
+    return False
+
+
+def _refuse_interpolation(data: dict[Any, Any], source: str, prefix: str = "") -> None:
+    """A ConfigError for the first value holding ``${``, read before OmegaConf could resolve it
+    (``${oc.env:AWS_SECRET_ACCESS_KEY}`` would put a secret in a printed config)."""
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, dict):
+            _refuse_interpolation(value, source, f"{key}.")
+        elif _has_interpolation(value):
+            raise ConfigError(key, value, NO_INTERPOLATION, source)
+
+
+def _odd_key(data: dict[Any, Any], parent: str = "") -> str | None:
+    """Where the first key that is not a config key name is, never the key itself: in a file
+    that is not a config, a "key" may be a whole line (each of /etc/shadow's is one)."""
+    for index, (name, value) in enumerate(data.items(), 1):
+        if not (isinstance(name, str) and _DOTTED_KEY.fullmatch(name)):
+            return f"key {index} " + (f"under {parent}" if parent else "at the top level")
+        if isinstance(value, dict):
+            found = _odd_key(value, f"{parent}.{name}" if parent else name)
+            if found is not None:
+                return found
+    return None
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """What a YAML error says and where, without the lines of the file it quotes."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        return _short(exc.problem or exc.context or type(exc).__name__) + at
+    return _reason(exc)
+
+
+def _read_file(source: Path) -> DictConfig:
+    """A YAML config file as OmegaConf reads it. A file that is not a mapping of plain values is
+    refused by its path and the problem, never by its content (``--config /etc/passwd``)."""
+    where = str(source)
+
+    def refused(allowed: str) -> ConfigError:
+        return ConfigError("<file>", where, allowed, where)
+
+    try:
+        with source.open("rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise refused(f"a YAML config under {MAX_CONFIG_BYTES} bytes")
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise refused("a YAML mapping of config keys in UTF-8 text") from None
+    except OSError as exc:
+        raise refused(f"a readable YAML file ({exc.strerror})") from None
+    try:
+        # A plain safe load first: OmegaConf.create would turn a file of one text value (any
+        # text file) into a key named by the whole text, and it must not see ${...} at all.
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise refused(f"valid YAML ({_yaml_problem(exc)})") from None
+    if data is None:
+        return OmegaConf.create()
+    if not isinstance(data, dict):
+        held = {str: "one text value", list: "a list"}.get(type(data), type(data).__name__)
+        raise refused(f"a YAML mapping of config keys (key: value lines); this file holds {held}")
+    odd = _odd_key(data)
+    if odd is not None:
+        raise refused(
+            "a YAML mapping whose keys are config key names (letters, digits, '_'); this file's "
+            f"{odd} is not one"
+        )
+    _refuse_interpolation(data, where)
+    try:
+        # OmegaConf's own loader: it reads 1e-4 as a float and refuses duplicate keys.
+        return OmegaConf.create(text)  # type: ignore[return-value]
+    except Exception as exc:
+        raise refused(f"valid YAML ({_yaml_problem(exc)})") from None
+
+
 def _load_file(source: Path, schema: DictConfig, seen: tuple[Path, ...]) -> DictConfig:
     """Merge a YAML file onto ``schema``; a top-level ``base: PRESET_OR_PATH`` is merged first."""
     if source.resolve() in seen:
         raise ConfigError("base", str(source), "a chain of base files without a cycle", str(source))
-    try:
-        from_file = OmegaConf.load(source)
-    except Exception as exc:  # YAML syntax errors come in several exception types
-        raise ConfigError("<file>", str(source), f"valid YAML ({exc})", str(source)) from None
-    if from_file is None or not isinstance(from_file, DictConfig):
-        raise ConfigError("<file>", str(source), "a YAML mapping of config keys", str(source))
+    from_file = _read_file(source)
     base = from_file.pop("base", None)
     if base is not None:
         relative = source.parent / str(base)
@@ -430,7 +572,7 @@ def _load_file(source: Path, schema: DictConfig, seen: tuple[Path, ...]) -> Dict
         else:
             base_path = _resolve_source(str(base), "base", str(source))
         schema = _load_file(base_path, schema, seen + (source.resolve(),))
-    return _merge(schema, from_file, str(source))
+    return _merge(schema, from_file, str(source), show_unknown=False)
 
 
 def load_config(preset_or_path: str = "ring8", overrides: list[str] | None = None) -> GanConfig:
@@ -448,6 +590,7 @@ def load_config(preset_or_path: str = "ring8", overrides: list[str] | None = Non
 
 def from_dict(data: dict[str, Any], source: str = "<dict>") -> GanConfig:
     """Build and validate a GanConfig from a plain (possibly nested or dotted) dict."""
+    _refuse_interpolation(data, source)
     nested = OmegaConf.create()
     for key, value in data.items():
         # update() splits "a.b" into nested keys, so flatten() output and Tune samples load too.
@@ -459,56 +602,16 @@ def from_dict(data: dict[str, Any], source: str = "<dict>") -> GanConfig:
 
 
 def _to_object(merged: DictConfig, source: str) -> GanConfig:
-    """Instantiate the dataclasses; an interpolation such as ``${foo}`` only fails here."""
+    """Instantiate the dataclasses. Interpolations are refused before any merge, so nothing is
+    resolved here; an OmegaConf failure left (a missing value) still names its key."""
     try:
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
-        key = str(getattr(exc, "full_key", None) or "")
-        # Read unresolved: the value to report is the interpolation text itself.
-        plain = OmegaConf.to_container(merged, resolve=False)
-        if not key:
-            # A whole section interpolated to another ("storage=${generators}") fails without
-            # a key; find the section whose interpolation does not give its own kind of mapping.
-            key = _bad_section_interpolation(merged, plain) or "?"
-        value = _lookup(plain, key)
+        key = str(getattr(exc, "full_key", None) or "") or "?"
+        value = _lookup(OmegaConf.to_container(merged, resolve=False), key)
         if value is _ABSENT:
             value = _bad_value(exc)
-        allowed = f"a value that resolves ({str(exc).splitlines()[0]})"
-        raise ConfigError(key, value, allowed, source) from None
-
-
-def _bad_section_interpolation(merged: DictConfig, plain: Any, prefix: str = "") -> str | None:
-    """The first section key holding an interpolation that resolves to something other than
-    that section's mapping (or does not resolve at all)."""
-    if not isinstance(plain, dict):
-        return None
-    for name, value in plain.items():
-        key = f"{prefix}{name}"
-        section = _section_type(key)
-        if section is None:
-            continue
-        if isinstance(value, dict):
-            found = _bad_section_interpolation(merged, value, key + ".")
-            if found is not None:
-                return found
-            continue
-        try:
-            resolved = OmegaConf.select(merged, key, throw_on_resolution_failure=True)
-        except OmegaConfBaseException:
-            return key
-        if not (OmegaConf.is_dict(resolved) and OmegaConf.get_type(resolved) is section):
-            return key
-    return None
-
-
-def _section_type(key: str) -> type | None:
-    """The dataclass of section ``key`` ("generators", "discriminator.minibatch"), else None."""
-    node: Any = GanConfig()
-    for part in key.split("."):
-        node = getattr(node, part, None)
-        if not dataclasses.is_dataclass(node):
-            return None
-    return type(node)
+        raise ConfigError(key, value, f"a complete value ({_reason(exc)})", source) from None
 
 
 def to_dict(cfg: GanConfig) -> dict[str, Any]:
@@ -669,10 +772,12 @@ def validate(cfg: GanConfig, source: str = "<config>") -> None:
         _check(opt.lr > 0, f"{prefix}.lr", opt.lr, "> 0", source)
         _check(0 <= opt.beta1 < 1, f"{prefix}.beta1", opt.beta1, "in [0, 1)", source)
         _check(0 <= opt.beta2 < 1, f"{prefix}.beta2", opt.beta2, "in [0, 1)", source)
+        _check(0 <= opt.alpha < 1, f"{prefix}.alpha", opt.alpha, "in [0, 1)", source)
     _check(cfg.unroll.steps >= 0, "unroll.steps", cfg.unroll.steps, ">= 0 (0 = off)", source)
     _check(o.n_critic >= 1, "objective.n_critic", o.n_critic, ">= 1", source)
     for key in (
         "gp_weight",
+        "clip",
         "dragan_noise",
         "ebgan_margin",
         "ebgan_pt_weight",
@@ -720,13 +825,19 @@ def validate(cfg: GanConfig, source: str = "<config>") -> None:
         bool(cfg.name)
         and cfg.name not in (".", "..")
         and not any(ch in cfg.name for ch in "/\\")
-        and cfg.name.isprintable(),
+        and cfg.name.isprintable()
+        and cfg.name.isascii()
+        and len(cfg.name) <= MAX_NAME_LENGTH,
         "name",
         cfg.name,
-        "a non-empty name without '/', '\\' or control characters, other than '.' and '..' "
-        "(it names the run's folder under storage.uri)",
+        f"a non-empty name of at most {MAX_NAME_LENGTH} printable ASCII characters, without "
+        "'/', '\\' or control characters, other than '.' and '..' (it names the run's folder "
+        "under storage.uri, Ray's run and MLflow's)",
         source,
     )
+    # torch takes a negative seed (as 2**64 + seed), but numpy's generators, which order file
+    # data and draw the digit sets, refuse one inside the worker: a seed is a count, >= 0.
+    _check(cfg.seed >= 0, "seed", cfg.seed, "an integer >= 0", source)
     register_as = cfg.tracking.register_as
     _check(
         not register_as or REGISTERED_NAME.fullmatch(register_as) is not None,
@@ -796,6 +907,31 @@ def validate(cfg: GanConfig, source: str = "<config>") -> None:
         source,
     )
     _check(
+        o.name != "wgan" or o.clip > 0,
+        "objective.clip",
+        o.clip,
+        "> 0 with objective wgan (clipping is its only constraint on the critic; for a "
+        "gradient penalty instead use objective.name=wgan-gp)",
+        source,
+    )
+    # The unroll look-ahead replays D's own update rule (gan_core.unroll): it has no weight
+    # clipping and no RMSProp, so it would look ahead along a path D never takes.
+    _check(
+        o.name != "wgan" or cfg.unroll.steps == 0,
+        "unroll.steps",
+        cfg.unroll.steps,
+        "0 with objective wgan (the look-ahead does not clip the critic's weights)",
+        source,
+    )
+    _check(
+        cfg.d_optim.name != "rmsprop" or cfg.unroll.steps == 0,
+        "d_optim.name",
+        cfg.d_optim.name,
+        f"adam or sgd with unroll.steps={cfg.unroll.steps} (the look-ahead replays D's update "
+        "rule for those two only), or unroll.steps=0",
+        source,
+    )
+    _check(
         o.name != "ebgan" or mb.kernels == 0,
         "discriminator.minibatch.kernels",
         mb.kernels,
@@ -860,6 +996,16 @@ def validate(cfg: GanConfig, source: str = "<config>") -> None:
     from gan_core.footprint import check_footprint  # imported here: it imports torch and nets
 
     check_footprint(cfg, source=source)
+    # After the estimate, so a look-ahead too big to hold is reported with its size; one that
+    # fits can still make every G step cost more D steps than a run can wait for.
+    _check(
+        cfg.unroll.steps <= MAX_UNROLL_STEPS,
+        "unroll.steps",
+        cfg.unroll.steps,
+        f"an integer in [0, {MAX_UNROLL_STEPS}] (each G step runs unroll.steps D updates; the "
+        "paper uses up to 10)",
+        source,
+    )
 
 
 def _check_numbers(cfg: GanConfig, source: str) -> None:

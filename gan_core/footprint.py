@@ -9,9 +9,15 @@ has, naming the key that costs the most.
 
 The estimate is an upper-bound model, not a measurement: every parameter costs 16 bytes in
 training (weights, gradients, Adam's two moments; +4 for G's EMA copy); every activation element
-of a training step is kept for backward (x2 for its gradient), times (1 + unroll.steps) for the
-unrolled look-ahead; evaluation keeps ``eval.samples`` outputs plus one chunk's activations, of
-which a forward pass without autograd holds only a layer's input and output at a time.
+of a training step is kept for backward (x2 for its gradient); evaluation keeps ``eval.samples``
+outputs plus one chunk's activations, of which a forward pass without autograd holds only a
+layer's input and output at a time.
+
+The Unrolled GAN look-ahead (``gan_core.unroll``) is its own part, ``unroll.steps``: a
+second-order look-ahead keeps all k of its D steps in the autograd graph, each with D's
+activations on the real and fake batch (and their gradients) and a new copy of D's parameters
+with the Adam moments and gradients that made it (``LOOKAHEAD_PARAM_BYTES`` per parameter); a
+first-order one detaches each step, so one step is alive at a time, whatever k.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,6 +38,10 @@ from gan_core.nets import build_discriminator, build_encoder, build_generator, p
 MAX_WORKER_BYTES = 256 * 2**30
 _EVAL_CHUNK = 5000  # samples generated per call (gan_core.loop.GanRun.generate)
 _FLOAT = 4
+# Bytes per D parameter one second-order look-ahead step keeps alive: the new weights, the
+# gradient taken with create_graph and Adam's moments and step terms. Measured with autograd's
+# saved-tensor hooks on ring-8's D: ~25 with Adam, ~4 with SGD (test_config_hardening.py).
+LOOKAHEAD_PARAM_BYTES = 32
 
 
 @dataclass(frozen=True)
@@ -124,16 +135,20 @@ def footprint(cfg: GanConfig, shape: tuple[int, ...] | None = None) -> Footprint
         per_sample_d = _activations(discriminator, pack_samples(fake, d.pack)) / probe
         per_sample_e = 0.0 if encoder is None else _activations(encoder, fake) / probe
     batch = cfg.train.batch_size
+    d_params = _parameters(discriminator)
     # G draws batch samples per step (split among its generators); D sees them and as many real
-    # ones; backward keeps every activation and its gradient; an unrolled look-ahead repeats D's
-    # part k more times.
-    step = batch * (per_sample_g + 2 * per_sample_d * (1 + cfg.unroll.steps) + 2 * per_sample_e)
+    # ones; backward keeps every activation and its gradient.
+    step = batch * (per_sample_g + 2 * per_sample_d + 2 * per_sample_e)
+    # Each look-ahead step is D's step on the same real and fake batch, plus a copy of D.
+    alive = cfg.unroll.steps if cfg.unroll.second_order else min(cfg.unroll.steps, 1)
+    lookahead = alive * (2 * _FLOAT * batch * 2 * per_sample_d + LOOKAHEAD_PARAM_BYTES * d_params)
     chunk = min(cfg.eval.samples, _EVAL_CHUNK)
     parts = {
         "generators.width": (16 + 4) * g_params,
-        "discriminator.width": 16 * _parameters(discriminator),
+        "discriminator.width": 16 * d_params,
         "encoder.width": 16 * _parameters(encoder),
         "train.batch_size": int(2 * _FLOAT * step),
+        "unroll.steps": int(lookahead),
         "eval.samples": int(_FLOAT * (cfg.eval.samples * math.prod(shape) + chunk * peak_g)),
     }
     return Footprint(parts)
@@ -148,7 +163,7 @@ def check_footprint(
     """``footprint(cfg)``, or a ConfigError naming the costliest key when it exceeds ``limit``."""
     estimate = footprint(cfg, shape)
     if estimate.total > limit:
-        key = estimate.largest
+        key = _costliest_key(cfg, shape, estimate)
         value = _lookup(cfg, key)
         breakdown = ", ".join(
             f"{name} {size / 2**30:.3g} GiB"
@@ -163,6 +178,30 @@ def check_footprint(
             source,
         )
     return estimate
+
+
+def _costliest_key(cfg: GanConfig, shape: tuple[int, ...] | None, estimate: Footprint) -> str:
+    """The key whose default value would shrink the estimate most, else the largest part's.
+
+    A part can grow with two keys (the look-ahead with unroll.steps and train.batch_size), so
+    the largest part alone would blame ring8_unrolled's unroll.steps=5 for a batch of 10**9."""
+    defaults = GanConfig()
+    best, best_total = estimate.largest, estimate.total
+    for key in estimate.parts:
+        default = _lookup(defaults, key)
+        if _lookup(cfg, key) == default:
+            continue
+        total = footprint(_replace(cfg, key, default), shape).total
+        if total < best_total:
+            best, best_total = key, total
+    return best
+
+
+def _replace(node: Any, key: str, value: object) -> Any:
+    """A copy of the dataclass tree ``node`` with dotted ``key`` set to ``value``."""
+    head, _, rest = key.partition(".")
+    new = _replace(getattr(node, head), rest, value) if rest else value
+    return dataclasses.replace(node, **{head: new})
 
 
 def _lookup(cfg: GanConfig, key: str) -> object:

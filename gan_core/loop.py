@@ -29,7 +29,14 @@ from gan_core.file_eval import FileEvaluator
 from gan_core.files import FileData
 from gan_core.filestream import FileStream
 from gan_core.metrics import SampleEvaluator
-from gan_core.steps import GanModel, build_model, sample_noise, train_step, unwrap
+from gan_core.steps import (
+    LOSS_METRICS,
+    GanModel,
+    build_model,
+    sample_noise,
+    train_step,
+    unwrap,
+)
 
 # Offsets keep the streams of one seed apart: data, training noise, evaluation noise, grid noise.
 _DATA, _NOISE, _EVAL, _GRID = 0, 1, 2, 3
@@ -103,6 +110,11 @@ class GanRun:
             grid_n * self.cfg.generators.count, _stream(self.cfg.seed, _GRID)
         )
         self.history: list[dict[str, float]] = []
+        # Sums of the loss metrics (steps.LOSS_METRICS) over the steps since the last
+        # evaluation, and their count: an evaluation reports their means, a loss curve rather
+        # than one minibatch's value. Python floats: train_step has synced them already.
+        self._loss_sums: dict[str, float] = {}
+        self._loss_steps = 0
         self.rollbacks = 0  # non-finite rollbacks so far (kept in checkpoints)
         # The state at the last checkpoint step (what a checkpoint of this run holds): the
         # in-memory rollback target, so a rollback needs no storage round trip.
@@ -212,6 +224,8 @@ class GanRun:
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        # Checkpoints are taken at evaluations, where the loss sums start again: none to restore.
+        self._loss_sums, self._loss_steps = {}, 0
         self.model.load_state_dict(state["model"])
         torch.set_rng_state(state["torch_rng"])
         self.history = list(state["history"])
@@ -227,6 +241,18 @@ class GanRun:
                 position=int(state.get("data_position", 0)),
             )
         self._good = None
+
+    def _add_losses(self, metrics: dict[str, float]) -> None:
+        for key in LOSS_METRICS:
+            if key in metrics:
+                self._loss_sums[key] = self._loss_sums.get(key, 0.0) + metrics[key]
+        self._loss_steps += 1
+
+    def _take_loss_means(self) -> dict[str, float]:
+        """The loss metrics averaged over the steps since the last evaluation; starts again."""
+        means = {key: total / self._loss_steps for key, total in self._loss_sums.items()}
+        self._loss_sums, self._loss_steps = {}, 0
+        return means
 
     # -- non-finite detection and rollback ------------------------------------------------------
     def _remember_good(self) -> None:
@@ -304,8 +330,11 @@ class GanRun:
                 self._handle_nonfinite(bad or "value on another rank", hooks)
                 window_start, window_steps = time.perf_counter(), 0
                 continue
+            self._add_losses(metrics)
             step = self.model.step
             if step % cfg.eval.every == 0 or step == cfg.train.steps:
+                # A new dict: the one on_step was handed keeps this step's own values.
+                metrics = {**metrics, **self._take_loss_means()}
                 elapsed = time.perf_counter() - window_start
                 metrics["steps_per_s"] = window_steps / max(elapsed, 1e-9)
                 metrics.update(self.evaluate())
@@ -333,6 +362,7 @@ def format_eval(step: int, total: int, metrics: dict[str, float]) -> str:
         *([f"ETA {metrics['eta_s']:.0f} s"] if "eta_s" in metrics else []),
         f"d {metrics.get('d_loss', float('nan')):.3f}",
         f"g {metrics.get('g_loss', float('nan')):.3f}",
+        *([f"W {metrics['wasserstein']:.4f}"] if "wasserstein" in metrics else []),
     ]
     if "hq_pct" in metrics:
         parts += [

@@ -50,6 +50,16 @@ def wgan_g_loss(fake_scores: Tensor) -> Tensor:
     return -fake_scores.mean()
 
 
+def wasserstein_estimate(real_scores: Tensor, fake_scores: Tensor) -> Tensor:
+    """The critic's estimate of the Wasserstein-1 distance, ``E[f(x)] - E[f(G(z))]``.
+
+    Up to the critic's Lipschitz constant (weight clipping bounds it, a gradient penalty pulls it
+    towards 1) this is the quantity Arjovsky et al. show falls as samples improve, unlike a
+    minimax loss; it is ``-wgan_d_loss`` and carries no penalty.
+    """
+    return real_scores.mean() - fake_scores.mean()
+
+
 def _per_sample_uniform(
     like: Tensor, shape: tuple[int, ...], generator: torch.Generator | None
 ) -> Tensor:

@@ -2,7 +2,7 @@
 
 The variant is data (``cfg.objective.name``, ``cfg.unroll.steps``, ``cfg.generators.count``,
 ``cfg.discriminator.pack``/``.minibatch``), so an unrolled MAD-GAN with minibatch discrimination
-is simply a config. The step is written for DDP from the start (ARCHITECTURE.md, "GANs under
+is simply a config. The step is written for DDP from the start (docs/ARCHITECTURE.md, "GANs under
 DDP"): G and D may each be wrapped separately; D sees real and fake in ONE forward; in the G phase
 D is frozen and called through its unwrapped module so it neither accumulates nor all-reduces
 gradients; the unroll look-ahead is functional and local to the process.
@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from gan_core import objectives as obj
-from gan_core.config import GanConfig, OptimizerConfig
+from gan_core.config import WASSERSTEIN_OBJECTIVES, GanConfig, OptimizerConfig
 from gan_core.nets import (
     build_discriminator,
     build_encoder,
@@ -50,6 +50,23 @@ Critic = Callable[..., Tensor]
 COMPILE_BACKEND_ENV = "RAYGAN_COMPILE_BACKEND"
 # Optional state-dict entries: present only for fp16 (see GanModel.load_state_dict).
 _SCALER_KEYS = ("g_scaler", "d_scaler")
+# The per-step metrics of train_step that are losses or parts of one: the loop reports each as
+# its mean over the steps since the previous evaluation (gan_core.loop), the D-side ones are
+# already means over the step's n_critic updates. ``wasserstein`` (wgan, wgan-gp) is the
+# critic's estimate E[D(x)] - E[D(G(z))]; ``gp`` the weighted penalty term of D's loss, so that
+# d_loss = gp - wasserstein; ``penalty`` the unweighted gradient penalty (wgan-gp, dragan).
+LOSS_METRICS = (
+    "d_loss",
+    "g_loss",
+    "g_adv",
+    "d_real",
+    "d_fake",
+    "wasserstein",
+    "gp",
+    "penalty",
+    "diversity",
+    "mode_reg",
+)
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -60,6 +77,9 @@ def unwrap(module: nn.Module) -> nn.Module:
 def make_optimizer(params: list[nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr)
+    if cfg.name == "rmsprop":
+        # No momentum: the WGAN paper picked RMSProp because momentum made its critic unstable.
+        return torch.optim.RMSprop(params, lr=cfg.lr, alpha=cfg.alpha)
     return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
@@ -316,9 +336,10 @@ def discriminator_loss(
         logs["d_real"] = real_out.softmax(1)[:, -1].mean()
         logs["d_fake"] = fake_out.softmax(1)[:, -1].mean()
         return loss, logs
-    if o.name == "wgan-gp":
+    if o.name in WASSERSTEIN_OBJECTIVES:
         loss = obj.wgan_d_loss(real_out, fake_out)
-        if penalties and o.gp_weight > 0:
+        logs["wasserstein"] = obj.wasserstein_estimate(real_out, fake_out)
+        if o.name == "wgan-gp" and penalties and o.gp_weight > 0:
             gp = obj.gradient_penalty(
                 scaled_penalty_critic(lambda x: d(x, groups=1), grad_scale),
                 pack_samples(real, pack),
@@ -326,7 +347,8 @@ def discriminator_loss(
                 rng,
             )
             logs["penalty"] = gp
-            loss = loss + o.gp_weight * gp
+            logs["gp"] = o.gp_weight * gp
+            loss = loss + logs["gp"]
         logs["d_real"], logs["d_fake"] = real_out.mean(), fake_out.mean()
         return loss, logs
     loss = obj.gan_d_loss(real_out, fake_out)
@@ -353,7 +375,7 @@ def generator_loss(cfg: GanConfig, critic: Critic, fake: Tensor) -> Tensor:
     out = _d_outputs(critic, fake, pack, groups=1)
     if o.name == "madgan":
         return obj.madgan_g_loss(out)
-    if o.name == "wgan-gp":
+    if o.name in WASSERSTEIN_OBJECTIVES:
         return obj.wgan_g_loss(out)
     if o.name == "minimax":
         return obj.minimax_g_loss(out)
@@ -367,6 +389,17 @@ def _set_lr(model: GanModel) -> float:
         for group in opt.param_groups:
             group["lr"] = base * factor
     return factor
+
+
+@torch.no_grad()
+def clip_critic(d: nn.Module, clip: float) -> None:
+    """WGAN's constraint (Arjovsky et al. 2017, Algorithm 1): every parameter of the critic
+    clamped to ``[-clip, clip]`` in place, after each critic update. The weights then lie in a
+    compact set, so the critic is K-Lipschitz for a K fixed by ``clip`` and the architecture.
+    Buffers (BatchNorm statistics, fixed Fourier frequencies) are not weights and stay as they
+    are. Every DDP rank holds the same updated weights, so the clamped ones stay identical."""
+    for p in unwrap(d).parameters():
+        p.clamp_(-clip, clip)
 
 
 @torch.no_grad()
@@ -431,7 +464,10 @@ def train_step(
     rng: torch.Generator,
     device: torch.device | str = "cpu",
 ) -> dict[str, float]:
-    """One G update preceded by ``n_critic`` D updates. Returns scalar metrics of this step.
+    """One G update preceded by ``n_critic`` D updates. Returns scalar metrics of this step:
+    G's from its update, D's (``d_loss``, ``d_real``, ``d_fake``, ``wasserstein``, ``gp``, ...)
+    the mean over the n_critic updates. With ``objective.name=wgan`` every critic update is
+    followed by weight clipping (``clip_critic``).
 
     With fp16 the metrics also hold both scales (``amp_scale_d``, ``amp_scale_g``) and
     ``amp_skipped``, the number of optimizer steps the scalers skipped for inf/NaN gradients
@@ -448,8 +484,9 @@ def train_step(
     skipped = 0
 
     # D phase: fakes are generated without a graph; D sees real and fake in one forward.
-    d_logs: dict[str, Tensor] = {}
-    for _ in range(cfg.objective.n_critic):
+    n_critic = cfg.objective.n_critic
+    d_sums: dict[str, Tensor] = {}
+    for _ in range(n_critic):
         real = _nhwc(model, next_real())
         with torch.no_grad():
             fake = G_amp(sample_noise(model, batch, rng, device)).reshape(batch, *model.data_shape)
@@ -462,9 +499,14 @@ def train_step(
             rng,
             grad_scale=loss_scale(model.d_scaler, device),
         )
-        d_logs = {k: v.detach() for k, v in d_logs.items()}
         model.d_opt.zero_grad(set_to_none=True)
         skipped += not scaled_step(d_loss, model.d_opt, model.d_scaler)
+        if cfg.objective.name == "wgan":
+            clip_critic(D, cfg.objective.clip)
+        # Summed as tensors (no device sync here): the step reports D's metrics as means over
+        # its n_critic updates.
+        for key, value in {"d_loss": d_loss, **d_logs}.items():
+            d_sums[key] = value.detach() + d_sums[key] if key in d_sums else value.detach()
 
     # G phase: D frozen and called unwrapped, so DDP neither syncs nor accumulates its grads.
     d_inner = unwrap(D)
@@ -519,8 +561,11 @@ def train_step(
         d_inner.requires_grad_(True)
     update_ema(model)
     model.step += 1
-    metrics = {"d_loss": d_loss.item(), "g_loss": g_loss.item()}
-    metrics.update({k: v.item() for k, v in {**d_logs, **logs}.items()})
+    d_means = {key: value / n_critic for key, value in d_sums.items()}
+    named = {"d_loss": d_means.pop("d_loss"), "g_loss": g_loss.detach(), **d_means, **logs}
+    # One device-to-host copy for all of them (a GPU waits once per step, not once per metric).
+    values = torch.stack([v.float() for v in named.values()]).tolist()
+    metrics = dict(zip(named, values, strict=True))
     if model.d_scaler is not None and model.g_scaler is not None:
         metrics["amp_scale_d"] = float(model.d_scaler.get_scale())
         metrics["amp_scale_g"] = float(model.g_scaler.get_scale())

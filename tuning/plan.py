@@ -22,7 +22,15 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from gan_core.config import ConfigError, GanConfig, flatten, from_dict, load_config, parse_overrides
+from gan_core.config import (
+    MAX_NAME_LENGTH,
+    ConfigError,
+    GanConfig,
+    flatten,
+    from_dict,
+    load_config,
+    parse_overrides,
+)
 from services.launch import for_workers
 from services.storage import Storage, open_storage
 from services.tracking import default_tracking_uri
@@ -41,6 +49,8 @@ PLAN_FILE = "sweep.json"
 SCHEDULERS = ("fifo", "asha", "pbt")
 RUNS_DIR = "runs"  # inside the sweep's folder: the trials' Train runs and sample grids
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# best.yaml names its config "<sweep>-best", which must stay a valid config name.
+MAX_SWEEP_NAME = MAX_NAME_LENGTH - len("-best")
 
 
 @dataclass
@@ -139,10 +149,11 @@ def make_plan(
     """
     overrides = list(overrides or [])
     _check(
-        bool(_NAME.fullmatch(name)),
+        bool(_NAME.fullmatch(name)) and len(name) <= MAX_SWEEP_NAME,
         "--name",
-        name,
-        "letters, digits, '_', '.', '-' (it names a folder and a Tune experiment)",
+        name[:80] + ("..." if len(name) > 80 else ""),
+        f"letters, digits, '_', '.', '-', at most {MAX_SWEEP_NAME} (it names a folder, a Tune "
+        "experiment and the '<name>-best' config of best.yaml)",
     )
     _check(workers_per_trial >= 1, "--workers-per-trial", workers_per_trial, ">= 1")
     search = load_space(space)

@@ -248,8 +248,6 @@ def check_refusal(err: ConfigError, preset: str, overrides: list[str]) -> None:
         # The given key (or the parent that a mapping was given for) with the value given, as
         # parsed or after coercion to the key's type ("g_optim.lr=1" is reported as 1.0).
         ok = _same(err.value, given) or str(err.value) == str(given)
-        # An interpolation ("${name}") is reported as the value it resolved to.
-        ok = ok or (isinstance(given, str) and "${" in given)
         if isinstance(err.value, int | float) and isinstance(given, int | float | str):
             with contextlib.suppress(ValueError, OverflowError):
                 ok = ok or _same(float(err.value), float(given))

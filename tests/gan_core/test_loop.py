@@ -174,8 +174,10 @@ def test_run_evaluates_on_schedule_and_calls_hooks():
     for h in history:
         assert {"d_loss", "g_loss", "modes", "hq_pct", "reverse_kl", *TIMING} <= set(h)
         assert h["steps_per_s"] > 0
-    # The step metrics handed to on_step are the same numbers the history keeps.
-    assert history[0]["d_loss"] == steps[1][1]
+    # The history keeps the mean of the step losses handed to on_step since the last evaluation.
+    assert history[0]["d_loss"] == (steps[0][1] + steps[1][1]) / 2
+    assert history[1]["d_loss"] == (steps[2][1] + steps[3][1]) / 2
+    assert history[2]["d_loss"] == steps[4][1]
 
 
 def test_should_stop_stops_and_run_continues_later():

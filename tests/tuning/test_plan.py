@@ -93,6 +93,12 @@ def test_bad_name_and_unscorable_data_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         make_plan("a/b", "unroll", "ring8", storage_args(tmp_path))
     assert err.value.key == "--name"
+    # best.yaml's "<name>-best" must be a valid config name: 95 characters is the most.
+    make_plan("s" * 95, "unroll", "ring8", storage_args(tmp_path))
+    with pytest.raises(ConfigError) as err:
+        make_plan("s" * 96, "unroll", "ring8", storage_args(tmp_path))
+    assert err.value.key == "--name" and "at most 95" in err.value.allowed
+    assert err.value.value == "s" * 80 + "..."
     with pytest.raises(ConfigError) as err:
         make_plan(
             "s",
