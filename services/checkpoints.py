@@ -3,20 +3,33 @@
 A checkpoint folder holds three files: ``state.pt`` (everything ``GanRun.state_dict`` returns:
 unwrapped weights, both optimizers, EMA, step, RNG streams, metric history), ``config.yaml`` (the
 run's config, to refuse a resume into a different architecture) and ``meta.json`` (step and
-metrics, readable without torch). Loading uses ``torch.load(weights_only=True)`` only: a
-checkpoint is data from storage that others may write to, and must never be able to run code.
+metrics, readable without torch), plus whatever the caller adds (``tracking.json``).
+
+``meta.json`` is written last and commits the folder: under ``files`` it lists every other file
+with its size and sha256, each written and fsynced before it. A folder cut short (a full disk,
+an interrupted upload, Ray's upload of the folder, whose file order is Ray's) is recognisably
+incomplete: ``incomplete_reason`` is the one rule every reader applies before it picks or loads
+a folder, and such a folder is skipped with a warning naming it, never loaded and blamed on the
+architecture. Folders written before meta.json carried that list are accepted unless a file
+shows the marks of a write cut short (see ``incomplete_reason``).
+
+Loading uses ``torch.load(weights_only=True)`` only: a checkpoint is data from storage that
+others may write to, and must never be able to run code.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import io
 import json
+import logging
 import math
 import os
 import pickle
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +37,7 @@ import torch
 from omegaconf import OmegaConf
 
 from gan_core.config import ConfigError, GanConfig, flatten, from_dict, to_yaml
+from services.storage import write_failure
 
 if TYPE_CHECKING:
     from gan_core.loop import GanRun
@@ -35,7 +49,10 @@ CHECKPOINT_FILES = (STATE_FILE, CONFIG_FILE, META_FILE)
 # services.train's local backend keeps its checkpoints here, inside the run folder (Ray Train's
 # are the run folder's checkpoint_* folders).
 LOCAL_CHECKPOINTS = "local_checkpoints"
+RAY_CHECKPOINT_PREFIX = "checkpoint_"
 FORMAT = 1
+MANIFEST_KEY = "files"  # in meta.json: {file name: {"size": bytes, "sha256": hex}}
+log = logging.getLogger("raygan")
 
 # Keys that change the shapes or kinds of what a checkpoint holds. Everything else (train.steps,
 # learning rates, eval.*, ...) may change between a run and its resume.
@@ -47,16 +64,27 @@ class CheckpointError(RuntimeError):
     """A checkpoint folder that cannot be loaded: missing, corrupt, unsafe or for another config."""
 
 
-def _write_atomic(path: Path, write: Any) -> None:
-    """Call ``write(file_object)`` on a temporary file, then rename it over ``path``: a reader
-    (or a resume after a crash) sees the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file, flush it to disk, then rename it over ``path``: a
+    reader (or a resume after a crash) sees the old file or the new one, never half of one. A
+    full disk is a StorageFullError naming the file (services.storage.write_failure)."""
+    tmp = ""
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as out:
-            write(out)
+            out.write(data)
+            out.flush()
+            # On disk before meta.json names it: the commit must not outrun its files.
+            os.fsync(out.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        full = write_failure(
+            exc, f"checkpoint folder {path.parent}", path.name, "free space there or set TMPDIR"
+        )
+        if full is not None:
+            raise full from exc
         raise
 
 
@@ -81,20 +109,131 @@ def _check_finite(state: dict) -> None:
 
 
 def save_checkpoint(
-    folder: str | Path, state: dict, cfg: GanConfig, metrics: dict[str, float]
+    folder: str | Path,
+    state: dict,
+    cfg: GanConfig,
+    metrics: dict[str, float],
+    extra: Mapping[str, bytes] | None = None,
 ) -> Path:
-    """Write ``state``, ``cfg`` and ``metrics`` into ``folder`` (created if needed)."""
+    """Write ``state``, ``cfg``, ``metrics`` and the ``extra`` files ({name: bytes}) into
+    ``folder`` (created if needed); ``meta.json`` last, listing the others (the commit)."""
     folder = Path(folder)
     _check_finite(state)
-    folder.mkdir(parents=True, exist_ok=True)
+    clash = set(extra or {}) & {STATE_FILE, CONFIG_FILE, META_FILE}
+    if clash:
+        raise ValueError(f"extra checkpoint files may not be named {sorted(clash)}")
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    files = {STATE_FILE: buffer.getvalue(), CONFIG_FILE: to_yaml(cfg).encode(), **(extra or {})}
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        full = write_failure(exc, f"checkpoint folder {folder}", "it", "free space there")
+        if full is not None:
+            raise full from exc
+        raise
+    for name, data in files.items():
+        _write_atomic(folder / name, data)
     # JSON has no NaN/inf; a diverged metric is recorded as null rather than as invalid JSON.
     clean = {k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items()}
-    meta = {"step": int(state["model"]["step"]), "metrics": clean, "format": FORMAT}
-    _write_atomic(folder / STATE_FILE, lambda out: torch.save(state, out))
-    _write_atomic(folder / CONFIG_FILE, lambda out: out.write(to_yaml(cfg).encode()))
-    # meta.json last: its presence marks a complete checkpoint.
-    _write_atomic(folder / META_FILE, lambda out: out.write(json.dumps(meta, indent=1).encode()))
+    meta = {
+        "step": int(state["model"]["step"]),
+        "metrics": clean,
+        "format": FORMAT,
+        MANIFEST_KEY: {
+            name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            for name, data in files.items()
+        },
+    }
+    _write_atomic(folder / META_FILE, json.dumps(meta, indent=1).encode())
     return folder
+
+
+def checkpoint_folders(paths: Iterable[str]) -> dict[str, set[str]]:
+    """The checkpoint folders among a run's file paths (relative to the run), with the names
+    of the files each holds: Ray Train's ``checkpoint_*`` and the local backend's
+    ``local_checkpoints/*``. Whether one is complete is ``incomplete_reason``'s question."""
+    folders: dict[str, set[str]] = {}
+    for rel in paths:
+        parent, _, file = rel.rpartition("/")
+        top = parent.split("/")
+        ray_folder = len(top) == 1 and top[0].startswith(RAY_CHECKPOINT_PREFIX)
+        local_folder = len(top) == 2 and top[0] == LOCAL_CHECKPOINTS
+        if ray_folder or local_folder:
+            folders.setdefault(parent, set()).add(file)
+    return folders
+
+
+def listed_complete(files: Collection[str]) -> bool:
+    """The cheap half of the rule, from a listing alone: all three files are there. A folder
+    that passes must still pass ``incomplete_reason`` before it is used."""
+    return set(CHECKPOINT_FILES) <= set(files)
+
+
+def incomplete_reason(
+    where: str, files: Collection[str], read: Callable[[str], bytes]
+) -> str | None:
+    """Why the checkpoint folder ``where`` is not complete, or None when it is; a reason is
+    logged as a warning naming the folder (it is skipped, never loaded). ``files`` are the
+    names in the folder, ``read(name)`` a file's bytes.
+
+    Complete: the three files are there, and every file ``meta.json`` lists (written last, see
+    save_checkpoint) has the size and sha256 it lists. A folder without that list (written by
+    raygan before it had one) is accepted unless it shows the marks of a write cut short: an
+    empty ``config.yaml`` or ``state.pt``, or a ``state.pt`` zip archive without its central
+    directory (torch.save writes it last); anything else wrong with it is load_checkpoint's to
+    report."""
+    reason = _incomplete(files, read)
+    if reason is not None:
+        log.warning("skipping incomplete checkpoint folder %s: %s", where, reason)
+    return reason
+
+
+def _incomplete(files: Collection[str], read: Callable[[str], bytes]) -> str | None:
+    missing = [name for name in CHECKPOINT_FILES if name not in files]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    try:
+        meta = json.loads(read(META_FILE))
+        manifest = meta.get(MANIFEST_KEY) if isinstance(meta, dict) else None
+        if manifest is None:
+            return _cut_short_legacy(read)
+        if not isinstance(manifest, dict) or not all(
+            isinstance(e, dict) and type(e.get("size")) is int and isinstance(e.get("sha256"), str)
+            for e in manifest.values()
+        ):
+            return f"{META_FILE}'s {MANIFEST_KEY!r} list is malformed"
+        for name, entry in sorted(manifest.items()):
+            if name not in files:
+                return f"{name} is missing ({META_FILE} lists it)"
+            data = read(name)
+            if len(data) != entry["size"]:
+                return (
+                    f"{name} is {len(data)} bytes, {META_FILE} says {entry['size']} "
+                    "(a write cut short)"
+                )
+            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                return f"{name} is not the file {META_FILE} lists (sha256 differs)"
+    except FileNotFoundError as exc:
+        return f"{Path(str(exc.filename or exc)).name} vanished while it was read"
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError both are ValueErrors
+        return f"{META_FILE} is not JSON ({exc})"
+    return None
+
+
+def _cut_short_legacy(read: Callable[[str], bytes]) -> str | None:
+    if not read(CONFIG_FILE).strip():
+        return f"{CONFIG_FILE} is empty"
+    state = read(STATE_FILE)
+    if not state:
+        return f"{STATE_FILE} is empty (0 bytes)"
+    if state[:4] == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(io.BytesIO(state)):
+                pass
+        except zipfile.BadZipFile:
+            return f"{STATE_FILE} is a zip archive cut short ({len(state)} bytes, no directory)"
+    return None
 
 
 def meta_score(meta: dict[str, Any], metric: str) -> float | None:
@@ -115,6 +254,12 @@ def _require(folder: Path, name: str) -> Path:
 
 def _saved_config(folder: Path) -> GanConfig:
     path = _require(folder, CONFIG_FILE)
+    if not path.read_bytes().strip():
+        # An empty file would load as {} = the default config, and the resume would then be
+        # refused as "a different architecture": it is a write cut short.
+        raise CheckpointError(
+            f"checkpoint {folder}: {CONFIG_FILE} is empty: the checkpoint is incomplete"
+        )
     try:
         data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
         if not isinstance(data, dict):
@@ -223,13 +368,15 @@ def load_checkpoint(folder: str | Path, cfg: GanConfig) -> dict:
         raise CheckpointError(f"checkpoint {folder}: no such folder")
     state_path = _require(folder, STATE_FILE)
     meta = _saved_meta(folder)
+    # The state file's own problems first: a truncated folder must be called truncated, not
+    # blamed on the architecture its (possibly also cut short) config.yaml seems to describe.
+    _check_state_file(folder, state_path)
     differences = config_differences(_saved_config(folder), cfg)
     if differences:
         raise CheckpointError(
             f"checkpoint {folder} was made for a different architecture; differing keys: "
             + "; ".join(differences)
         )
-    _check_state_file(folder, state_path)
     try:
         state = torch.load(state_path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:

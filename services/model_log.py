@@ -31,7 +31,7 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,7 +43,13 @@ import torch
 from mlflow.exceptions import MlflowException
 
 from gan_core.config import GanConfig, checkpoint_metric
-from services.checkpoints import CHECKPOINT_FILES, LOCAL_CHECKPOINTS, meta_score
+from services.checkpoints import (
+    CHECKPOINT_FILES,
+    checkpoint_folders,
+    incomplete_reason,
+    listed_complete,
+    meta_score,
+)
 from services.storage import Storage, open_storage, redact
 from services.tracking import bound_http_retries, default_tracking_uri
 
@@ -238,20 +244,14 @@ def best_checkpoint(storage: Storage, name: str, metric: str, mode: str) -> str 
     ``metric`` (``mode`` max or min), the later step winning a tie; None if it has none.
 
     Looks where both backends write: Ray Train's ``<name>/checkpoint_*`` folders and the local
-    backend's ``<name>/local_checkpoints/step_*``. A folder without all three files (an upload
-    cut short) or without the metric is skipped."""
-    folders: dict[str, set[str]] = {}
-    for rel in storage.list(name):
-        parent, _, file = rel.rpartition("/")
-        top = parent.split("/")
-        ray_folder = len(top) == 1 and top[0].startswith("checkpoint_")
-        local_folder = len(top) == 2 and top[0] == LOCAL_CHECKPOINTS and top[1].startswith("step_")
-        if ray_folder or local_folder:
-            folders.setdefault(parent, set()).add(file)
+    backend's ``<name>/local_checkpoints/*``. A folder without the metric is skipped, and so
+    is an incomplete one (an upload cut short: ``incomplete_reason``, with a warning): the
+    next best complete folder wins."""
+    folders = checkpoint_folders(storage.list(name))
     sign = 1.0 if mode == "max" else -1.0
     ranked = []
     for folder, files in folders.items():
-        if not set(CHECKPOINT_FILES) <= files:
+        if not listed_complete(files):
             continue
         try:
             meta = json.loads(storage.read_bytes(f"{name}/{folder}/meta.json"))
@@ -260,7 +260,17 @@ def best_checkpoint(storage: Storage, name: str, metric: str, mode: str) -> str 
         score = meta_score(meta, metric) if isinstance(meta, dict) else None
         if score is not None:
             ranked.append((sign * score, int(meta.get("step", 0)), folder))
-    return f"{name}/{max(ranked)[2]}" if ranked else None
+    for _, _, folder in sorted(ranked, reverse=True):
+        prefix = f"{name}/{folder}"
+        if not incomplete_reason(
+            f"{storage.uri}/{prefix}", folders[folder], _reader(storage, prefix)
+        ):
+            return prefix
+    return None
+
+
+def _reader(storage: Storage, folder: str) -> Callable[[str], bytes]:
+    return lambda file: storage.read_bytes(f"{folder}/{file}")
 
 
 def download(storage: Storage, folder: str, dest: Path) -> Path:

@@ -37,7 +37,15 @@ import torch
 
 from gan_core.config import GanConfig, StorageConfig, checkpoint_metric
 from gan_core.export import ExportError, eval_noise, export_sampler, read_checkpoint
-from services.checkpoints import CHECKPOINT_FILES, LOCAL_CHECKPOINTS, META_FILE, meta_score
+from services.checkpoints import (
+    CHECKPOINT_FILES,
+    LOCAL_CHECKPOINTS,
+    META_FILE,
+    checkpoint_folders,
+    incomplete_reason,
+    listed_complete,
+    meta_score,
+)
 
 USAGE_ERROR = 2
 SUFFIXES = (".npy", ".png", ".parquet")
@@ -126,40 +134,60 @@ def _config_of(text: str, where: str) -> GanConfig:
 
 def checkpoint_names(files: list[str]) -> list[str]:
     """Checkpoint folders (relative to the run) among the run's files: Ray Train's
-    ``checkpoint_*`` and the local backend's ``local_checkpoints/*``, complete ones only (with a
-    meta.json, which save_checkpoint writes last)."""
-    names = []
-    for file in files:
-        parts = file.split("/")
-        if parts[-1] != META_FILE:
-            continue
-        if len(parts) == 2 and parts[0].startswith(CHECKPOINT_PREFIX):
-            names.append(parts[0])
-        elif len(parts) == 3 and parts[0] == LOCAL_CHECKPOINTS:
-            names.append("/".join(parts[:2]))
-    return sorted(names)
+    ``checkpoint_*`` and the local backend's ``local_checkpoints/*`` that hold all three files.
+    ``pick`` still checks the one it chooses with ``incomplete_reason``."""
+    return sorted(name for name, held in checkpoint_folders(files).items() if listed_complete(held))
 
 
 def _local_files(root: Path) -> list[str]:
-    found = [*root.glob(f"{CHECKPOINT_PREFIX}*/{META_FILE}")]
-    found += root.glob(f"{LOCAL_CHECKPOINTS}/*/{META_FILE}")
-    return sorted(p.relative_to(root).as_posix() for p in found)
+    found = [*root.glob(f"{CHECKPOINT_PREFIX}*/*"), *root.glob(f"{LOCAL_CHECKPOINTS}/*/*")]
+    return sorted(p.relative_to(root).as_posix() for p in found if p.is_file())
 
 
 def pick(run: str, how: str, files: list[str], read: Callable[[str], bytes]) -> str:
-    """The chosen checkpoint's folder, relative to the run (``how`` is best or latest)."""
+    """The chosen checkpoint's folder, relative to the run (``how`` is best or latest).
+
+    Incomplete folders (``incomplete_reason``: a write or upload cut short) are skipped with a
+    warning naming them; the choice falls to the next complete one. The ``best`` ranking uses
+    the newest complete folder's config."""
+    held = checkpoint_folders(files)
     names = checkpoint_names(files)
     if not names:
         raise SampleError(
             f"--run {run!r} holds no checkpoint ({CHECKPOINT_PREFIX}*/{META_FILE} or "
             f"{LOCAL_CHECKPOINTS}/*/{META_FILE})"
         )
-    metas = {name: _meta(read(f"{name}/{META_FILE}").decode(), f"{run}/{name}") for name in names}
-    newest = max(metas, key=lambda name: (metas[name]["step"], name))
+    reasons: dict[str, str | None] = {}
+
+    def complete(name: str) -> bool:
+        if name not in reasons:
+            reasons[name] = incomplete_reason(
+                f"{run}/{name}", held[name], lambda file: read(f"{name}/{file}")
+            )
+        return reasons[name] is None
+
+    metas = {}
+    for name in names:
+        text = read(f"{name}/{META_FILE}")
+        try:
+            json.loads(text)
+        except ValueError:
+            complete(name)  # a meta.json cut short: skipped, with the warning
+            continue
+        metas[name] = _meta(text.decode(), f"{run}/{name}")
+    newest = sorted(metas, key=lambda name: (metas[name]["step"], name), reverse=True)
     cfg = None
     if how == "best":
-        cfg = _config_of(read(f"{newest}/config.yaml").decode(), f"{run}/{newest}")
-    return choose(metas, how, cfg)
+        base = next((name for name in newest if complete(name)), None)
+        if base is not None:
+            cfg = _config_of(read(f"{base}/config.yaml").decode(), f"{run}/{base}")
+    while metas:
+        chosen = choose(metas, how, cfg)
+        if complete(chosen):
+            return chosen
+        del metas[chosen]
+    skipped = "; ".join(f"{name}: {why}" for name, why in sorted(reasons.items()) if why)
+    raise SampleError(f"--run {run!r} holds no complete checkpoint ({skipped})")
 
 
 def _bad_checkpoint(how: str, allowed: str) -> SampleError:

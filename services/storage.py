@@ -9,6 +9,7 @@ variables that must be set before ``ray.init()``.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -64,6 +65,76 @@ class StorageError(RuntimeError):
 
     def __init__(self, message: str) -> None:
         super().__init__(redact(message))
+
+
+class StorageFullError(StorageError):
+    """A write the file system refused for lack of space or quota, or on a read-only mount.
+
+    Repeating it cannot succeed until someone frees space or changes the target, so it is never
+    retried; ``services.train`` exits 2 with its message (a setup to fix, like a bad URI)."""
+
+
+# What the errno of a write that cannot succeed when repeated means, in the message.
+_UNWRITABLE = {
+    errno.ENOSPC: "no space left",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+}
+STORAGE_HINT = "free space or point storage.uri elsewhere"
+RESUME_NOTE = "the run resumes from its last complete checkpoint"
+
+
+def write_failure(
+    exc: BaseException, where: str, file: str, hint: str = STORAGE_HINT
+) -> StorageFullError | None:
+    """``exc`` as a StorageFullError (``<where>: no space left writing <file>: <hint>; ...``)
+    when it is a write refused for space, quota or a read-only mount; None otherwise."""
+    reason = _UNWRITABLE.get(getattr(exc, "errno", None) or 0)
+    if reason is None:
+        return None
+    return StorageFullError(f"{where}: {reason} writing {file}: {hint}; {RESUME_NOTE}")
+
+
+# pyarrow (Ray's checkpoint uploads) reports OS errors as text: "... [errno 28] No space ...".
+_ERRNO_TEXT = re.compile(r"\[errno (\d+)\]", re.IGNORECASE)
+
+
+def find_write_failure(exc: BaseException, where: str) -> StorageFullError | None:
+    """The StorageFullError behind ``exc``, wherever it hides: in its cause or context chain,
+    inside Ray's wrappers (a RayTaskError's ``cause``, a TrainingFailedError's
+    ``worker_failures``), or as an OSError with one of those errnos (named as a write to
+    ``where``, e.g. ``storage /data/runs``). None when ``exc`` is another failure."""
+    found: list[BaseException] = []
+    todo: list[BaseException] = [exc]
+    while todo:
+        error = todo.pop(0)
+        if any(error is seen for seen in found):
+            continue
+        found.append(error)
+        failures = getattr(error, "worker_failures", None)
+        nested = list(failures.values()) if isinstance(failures, dict) else []
+        nested += [getattr(error, "cause", None), error.__cause__, error.__context__]
+        nested.append(getattr(error, "controller_failure", None))
+        todo.extend(e for e in nested if isinstance(e, BaseException))
+    # Ours first (it names the file), then a bare OSError, then pyarrow's text.
+    for error in found:
+        if isinstance(error, StorageFullError) and not isinstance(
+            getattr(error, "cause", None), BaseException
+        ):
+            return error
+    for error in found:
+        if isinstance(error, OSError) and not isinstance(error, StorageError):
+            full = write_failure(error, where, str(error.filename or "a file"))
+            if full is not None:
+                return full
+    for error in found:
+        match = _ERRNO_TEXT.search(str(error))
+        if match and int(match.group(1)) in _UNWRITABLE:
+            reason = _UNWRITABLE[int(match.group(1))]
+            return StorageFullError(
+                f"{where}: {reason} writing a file: {STORAGE_HINT}; {RESUME_NOTE}"
+            )
+    return None
 
 
 def redact(text: str) -> str:
@@ -144,14 +215,22 @@ class Storage:
             self._retry("write", rel, put)
         else:
             target = Path(path)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            tmp = ""
             try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(
+                    dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
+                )
                 with os.fdopen(fd, "wb") as out:
                     out.write(data)
                 os.replace(tmp, target)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
+            except BaseException as exc:
+                if tmp:
+                    Path(tmp).unlink(missing_ok=True)
+                # A full disk is not retried (it does not heal in seconds) and is said plainly.
+                full = write_failure(exc, f"storage {self.uri}", rel)
+                if full is not None:
+                    raise full from exc
                 raise
         return f"{self.uri}/{rel}"
 

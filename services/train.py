@@ -32,9 +32,20 @@ from gan_core.config import (
 )
 from gan_core.files import FileData
 from gan_core.loop import LoopHooks, NonFiniteError
-from services.checkpoints import LOCAL_CHECKPOINTS, CheckpointError
+from services.checkpoints import (
+    LOCAL_CHECKPOINTS,
+    CheckpointError,
+    checkpoint_folders,
+    incomplete_reason,
+)
 from services.launch import init_ray, make_trainer
-from services.storage import StorageError, open_storage, redact
+from services.storage import (
+    StorageError,
+    find_write_failure,
+    open_storage,
+    redact,
+    write_failure,
+)
 from services.worker import (
     DIVERGED_FILE,
     TRACKING_FILE,
@@ -151,16 +162,23 @@ def run_local(
 def _run_local(cfg: GanConfig, args: argparse.Namespace, data: FileData | None) -> dict[str, Any]:
     session = WorkerSession(cfg, rank=0, world_size=1, device="cpu", quiet=args.quiet, data=data)
     storage = session.storage
-    prefix = f"{cfg.name}/{LOCAL_CHECKPOINTS}"
-    saved = sorted({p.split("/")[0] for p in storage.list(prefix)})
-    if saved:
+    saved = {
+        folder: files
+        for folder, files in checkpoint_folders(storage.list(cfg.name)).items()
+        if folder.startswith(f"{LOCAL_CHECKPOINTS}/")
+    }
+    # The newest complete folder; incomplete ones (a write cut short by a full disk, say) are
+    # skipped with a warning. A complete one that does not load stops the run (exit 2).
+    for folder in sorted(saved, reverse=True):
         with tempfile.TemporaryDirectory() as tmp:
-            for rel in storage.list(f"{prefix}/{saved[-1]}"):
-                (Path(tmp) / Path(rel).name).write_bytes(
-                    storage.read_bytes(f"{prefix}/{saved[-1]}/{rel}")
-                )
+            for file in saved[folder]:
+                (Path(tmp) / file).write_bytes(storage.read_bytes(f"{cfg.name}/{folder}/{file}"))
+            where = f"{storage.run_uri(cfg.name)}/{folder}"
+            if incomplete_reason(where, saved[folder], lambda f: (Path(tmp) / f).read_bytes()):
+                continue
             session.restore(tmp)
         print(f"[raygan] resumed {cfg.name} at step {session.start_step}", flush=True)
+        break
     session.start_tracking()
     last: dict[str, float] = {}
     checkpoint_uri = None
@@ -221,6 +239,10 @@ def _summary(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 finished; 2 a setup to fix (a bad config, data file or storage, a
+    checkpoint that cannot be resumed, a write refused for lack of space or quota or on a
+    read-only mount: free space or point ``storage.uri`` elsewhere and rerun to resume from the
+    last complete checkpoint); 3 diverged; 130 interrupted."""
     args = parse_args(argv)
     from services.preflight import DataError, preflight
 
@@ -245,6 +267,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"raygan: interrupted; rerun the same command to resume {cfg.name}", file=sys.stderr)
         return 130
+    except Exception as exc:
+        # A full disk, here or inside a Ray worker (where Ray restarts the worker group up to
+        # resources.max_failures times into the same failure first): one line, not tracebacks.
+        full = find_write_failure(exc, f"storage {cfg.storage.uri}")
+        if full is None:
+            raise
+        print(f"raygan: {redact(str(full))}", file=sys.stderr)
+        return 2
     # The generator as an MLflow model: finished runs only (a diverged run's MLflow run is
     # FAILED; its last good checkpoint stays in storage). Never fails the run: services/model_log.
     from services.model_log import summary_fields
@@ -252,7 +282,14 @@ def main(argv: list[str] | None = None) -> int:
     finished = summary["status"] == "finished"
     summary.update(summary_fields(cfg, summary if finished else {}))
     if args.summary_json:
-        Path(args.summary_json).write_text(json.dumps(summary, indent=2))
+        try:
+            Path(args.summary_json).write_text(json.dumps(summary, indent=2))
+        except OSError as exc:
+            full = write_failure(exc, "--summary-json", args.summary_json, "free space there")
+            if full is None:
+                raise
+            print(f"raygan: {full}", file=sys.stderr)
+            return 2
     if summary["status"] == "diverged":
         print(
             f"raygan: {cfg.name} diverged: {summary['stop_reason']}; the last good checkpoint "

@@ -26,12 +26,15 @@ import torch.distributed as dist
 from gan_core.config import GanConfig, from_dict
 from gan_core.files import FileData
 from gan_core.loop import GanRun, LoopHooks, NonFiniteError, format_eval
+from gan_core.steps import LOSS_METRICS
 from services.checkpoints import (
-    CONFIG_FILE,
     LOCAL_CHECKPOINTS,
     META_FILE,
-    STATE_FILE,
+    RAY_CHECKPOINT_PREFIX,
     CheckpointError,
+    checkpoint_folders,
+    incomplete_reason,
+    listed_complete,
     load_checkpoint,
     save_checkpoint,
 )
@@ -40,18 +43,9 @@ from services.storage import Storage, StorageError, open_storage
 log = logging.getLogger("raygan")
 TRACKING_FILE = "tracking.json"
 DIVERGED_FILE = "diverged.json"  # written by rank 0 when a run stops on a non-finite value
-# Metrics that differ per rank (each rank trains on its own shard) and are averaged for reports.
-_RANK_LOCAL = (
-    "d_loss",
-    "g_loss",
-    "g_adv",
-    "d_real",
-    "d_fake",
-    "penalty",
-    "diversity",
-    "mode_reg",
-    "steps_per_s",
-)
+# Metrics that differ per rank (each rank trains on its own shard) and are averaged for reports:
+# every loss metric of the step (means since the last evaluation) and the speed.
+_RANK_LOCAL = (*LOSS_METRICS, "steps_per_s")
 
 
 def _all_reduce_mean(
@@ -158,11 +152,14 @@ class WorkerSession:
         return step % self.cfg.checkpoint.every == 0 or step >= self.cfg.train.steps
 
     def write_checkpoint(self, folder: str | Path, metrics: dict[str, float]) -> None:
-        save_checkpoint(folder, self.run.state_dict(), self.cfg, metrics)
         if self.tracker is not None and self.tracker.run_id:
             # Read now, not at start: a tracker that found MLflow down creates its run later.
             self.mlflow_run_id = self.tracker.run_id
-        (Path(folder) / TRACKING_FILE).write_text(json.dumps({"run_id": self.mlflow_run_id}))
+        # tracking.json goes in before meta.json, which lists it and commits the folder.
+        tracking = json.dumps({"run_id": self.mlflow_run_id}).encode()
+        save_checkpoint(
+            folder, self.run.state_dict(), self.cfg, metrics, extra={TRACKING_FILE: tracking}
+        )
 
     def save_to_storage(
         self, metrics: dict[str, float], report: Callable[[str], None] | None = None
@@ -171,11 +168,14 @@ class WorkerSession:
         the run's storage: the layout of runs trained outside Ray Train (the local backend, a
         one-worker Tune trial), which services.sample and services.model_log read. ``report``
         gets the local folder while it still exists (a Tune trial hands it to ``tune.report``).
-        Returns the stored folder's URI."""
+        Returns the stored folder's URI. ``meta.json`` is copied last: it commits the folder,
+        and a copy cut short (a full disk: StorageFullError) leaves a folder without it or
+        with files it does not match, which every reader skips as incomplete."""
         folder = f"{self.cfg.name}/{LOCAL_CHECKPOINTS}/step_{self.run.model.step:07d}"
         with tempfile.TemporaryDirectory() as tmp:
             self.write_checkpoint(tmp, metrics)
-            for path in sorted(Path(tmp).iterdir()):
+            paths = sorted(Path(tmp).iterdir(), key=lambda path: (path.name == META_FILE, path))
+            for path in paths:
                 self.storage.write_bytes(f"{folder}/{path.name}", path.read_bytes())
             if report is not None:
                 report(tmp)
@@ -228,17 +228,17 @@ def checkpoint_uri(checkpoint: Any) -> str:
 def restore_latest_stored(session: WorkerSession, newer_than: int = 0) -> bool:
     """Restore the newest complete, loadable checkpoint folder of this run found in storage
     (Ray's ``checkpoint_*`` folders) if its step is above ``newer_than``; folders that are
-    partial or corrupt (an upload cut short) are skipped. Every rank lists the same storage,
-    so all ranks pick the same folder."""
+    incomplete (an upload cut short: ``incomplete_reason``) or fail to load are skipped with a
+    warning naming them. Every rank lists the same storage, so all ranks pick the same folder."""
     storage, name = session.storage, session.cfg.name
-    folders: dict[str, set[str]] = {}
-    for rel in storage.list(name):
-        parts = rel.split("/")
-        if len(parts) == 2 and parts[0].startswith("checkpoint_"):
-            folders.setdefault(parts[0], set()).add(parts[1])
+    folders = {
+        folder: files
+        for folder, files in checkpoint_folders(storage.list(name)).items()
+        if folder.startswith(RAY_CHECKPOINT_PREFIX)
+    }
     candidates = []
     for folder, files in folders.items():
-        if {STATE_FILE, CONFIG_FILE, META_FILE} <= files:
+        if listed_complete(files):
             try:
                 meta = json.loads(storage.read_bytes(f"{name}/{folder}/{META_FILE}"))
                 candidates.append((int(meta["step"]), folder))
@@ -251,6 +251,9 @@ def restore_latest_stored(session: WorkerSession, newer_than: int = 0) -> bool:
             for file in folders[folder]:
                 data = storage.read_bytes(f"{name}/{folder}/{file}")
                 (Path(tmp) / file).write_bytes(data)
+            where = f"{storage.run_uri(name)}/{folder}"
+            if incomplete_reason(where, folders[folder], lambda f: (Path(tmp) / f).read_bytes()):
+                continue
             try:
                 session.restore(tmp)
             except CheckpointError as exc:

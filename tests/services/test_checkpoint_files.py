@@ -368,6 +368,9 @@ def test_local_resume_from_a_tampered_checkpoint_exits_2(
 ) -> None:
     storage = tmp_path / "runs"
     ckpt = _tamper(saved, tmp_path / "src", _shrink_d_head)
+    # Committed as written (meta.json lists the tampered file): complete, so it is loaded and
+    # refused; with the original list it would be skipped as incomplete (test_disk_full.py).
+    save_checkpoint(ckpt, torch.load(ckpt / STATE_FILE), saved["cfg"], {"d_loss": 0.5})
     target = storage / "ckpt" / train.LOCAL_CHECKPOINTS / "step_0000002"
     target.mkdir(parents=True)
     for path in ckpt.iterdir():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -103,7 +104,13 @@ def test_files_and_meta(trained: dict) -> None:
     assert sorted(p.name for p in folder.iterdir()) == sorted([STATE_FILE, CONFIG_FILE, META_FILE])
     meta = json.loads((folder / META_FILE).read_text())
     # NaN is not JSON: it is stored as null so strict readers can parse the file.
+    files = meta.pop("files")
     assert meta == {"step": 2, "metrics": {"d_loss": 0.5, "modes": None}, "format": 1}
+    # The commit: meta.json, written last, lists every other file as it is on disk.
+    assert sorted(files) == [CONFIG_FILE, STATE_FILE]
+    for name, entry in files.items():
+        data = (folder / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     assert checkpoint_step(folder) == 2
     assert "width: 16" in (folder / CONFIG_FILE).read_text()
 

@@ -165,7 +165,7 @@ def test_best_follows_the_configured_mode_and_the_local_backend_layout(tmp_path:
     }
     assert sample.choose(metas, "best", cfg) == "local_checkpoints/step_0000020"
     assert sample.choose(metas, "latest", cfg) == "local_checkpoints/step_0000030"
-    files = [f"{name}/{f}" for name in metas for f in ("meta.json", "state.pt")]
+    files = [f"{name}/{f}" for name in metas for f in ("meta.json", "state.pt", "config.yaml")]
     files += ["samples/step_1.png", "checkpoint_x/state.pt", "a/b/meta.json"]
     assert sample.checkpoint_names(files) == sorted(metas)
 
@@ -255,9 +255,12 @@ def test_errors_are_one_line_and_exit_2(
     elif case == "empty_run":
         args["--run"] = str(tmp_path / "empty")
     elif case == "corrupt":
+        # Named explicitly: the picker would skip it as incomplete (test_disk_full.py).
         (ckpt / "state.pt").write_bytes(b"PK\x03\x04 not really a zip")
+        args["--checkpoint"] = str(ckpt)
     elif case == "not_torch":
         (ckpt / "state.pt").write_bytes(b"garbage, not a checkpoint")
+        args["--checkpoint"] = str(ckpt)
     elif case == "n_zero":
         args["--n"] = "0"
     elif case == "n_text":
