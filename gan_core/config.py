@@ -191,6 +191,9 @@ class ObjectiveConfig:
     ebgan_margin: float = 1.0
     ebgan_pt_weight: float = 0.1  # pulling-away term weight
     madgan_diversity: float = 0.0  # cosine-similarity penalty between generators' samples
+    # MAD-GAN-Sim (objectives.madgan_similarity): weight of the hinge that, for the SAME z,
+    # pushes the generators' samples apart in D's penultimate features; 0 = off.
+    madgan_similarity: float = 0.0
     mrgan_geometric: float = 0.2  # lambda_1: ||x - G(E(x))||^2
     mrgan_mode: float = 0.4  # lambda_2: -log D(G(E(x)))
 
@@ -782,6 +785,7 @@ def validate(cfg: GanConfig, source: str = "<config>") -> None:
         "ebgan_margin",
         "ebgan_pt_weight",
         "madgan_diversity",
+        "madgan_similarity",
         "mrgan_geometric",
         "mrgan_mode",
     ):
@@ -890,6 +894,24 @@ def validate(cfg: GanConfig, source: str = "<config>") -> None:
         "train.batch_size",
         t.batch_size,
         f"a multiple of discriminator.pack ({d.pack})",
+        source,
+    )
+    # MAD-GAN-Sim compares generators pairwise on the same z, by the real-class score of
+    # MAD-GAN's N+1-way discriminator: there is nothing to compare with one generator, and no
+    # such score with another objective's D.
+    _check(
+        o.madgan_similarity == 0 or g.count >= 2,
+        "objective.madgan_similarity",
+        o.madgan_similarity,
+        f"0 with generators.count={g.count} (the term compares pairs of generators)",
+        source,
+    )
+    _check(
+        o.madgan_similarity == 0 or o.name == "madgan",
+        "objective.madgan_similarity",
+        o.madgan_similarity,
+        f"0 with objective {o.name} (the term's margin is read from objective madgan's "
+        "N+1-way discriminator, its real-class probability)",
         source,
     )
     _check(

@@ -330,13 +330,21 @@ class Discriminator(nn.Module):
         self.head = nn.Linear(features, out_dim)
         _dcgan_init(self)
 
-    def forward(self, x: Tensor, groups: int = 1) -> Tensor:
+    def features(self, x: Tensor, groups: int = 1) -> Tensor:
+        """The penultimate layer: what ``head`` maps to the output, (n, features).
+
+        MAD-GAN-Sim measures how alike two generators' samples are in this space; ``forward`` is
+        ``head(features(x))``, so reading the features changes no output.
+        """
         if self.fourier is not None:
             x = self.fourier(x)
         h = self.body(x)
         if self.minibatch is not None:
             h = self.minibatch(h, groups)
-        return self.head(h)
+        return h
+
+    def forward(self, x: Tensor, groups: int = 1) -> Tensor:
+        return self.head(self.features(x, groups))
 
 
 class AutoencoderDiscriminator(nn.Module):

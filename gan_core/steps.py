@@ -65,6 +65,7 @@ LOSS_METRICS = (
     "gp",
     "penalty",
     "diversity",
+    "similarity",
     "mode_reg",
 )
 
@@ -296,6 +297,16 @@ def sample_noise(
     return noise.to(device)
 
 
+def shared_noise(
+    model: GanModel, m: int, rng: torch.Generator, device: torch.device | str
+) -> Tensor:
+    """z of shape (count, m, z_dim) that is THE SAME for every generator (``z[i] == z[0]``):
+    MAD-GAN-Sim compares G_i(z) with G_j(z), which says something only on the same z."""
+    count, z_dim = model.cfg.generators.count, model.cfg.generators.z_dim
+    noise = torch.randn(1, m, z_dim, generator=rng).expand(count, m, z_dim)
+    return noise.to(device)
+
+
 def _d_outputs(d: Critic, x: Tensor, pack: int, groups: int) -> Tensor | tuple[Tensor, Tensor]:
     return d(pack_samples(x, pack), groups=groups)
 
@@ -458,6 +469,19 @@ def _nhwc(model: GanModel, x: Tensor) -> Tensor:
     return x
 
 
+def similarity_term(model: GanModel, d: nn.Module, same_grouped: Tensor) -> Tensor:
+    """MAD-GAN-Sim's term (``objectives.madgan_similarity``) for ``same_grouped``, the
+    generators' samples of one shared z, (count, m, *data_shape): D's penultimate features and
+    real-class probability of each, from one forward of ``d``, the unwrapped, frozen D. With an
+    unroll look-ahead it is still the current D: the look-ahead sharpens the adversarial term,
+    the similarity is measured in the features D has now."""
+    count, m = same_grouped.shape[:2]
+    x = _nhwc(model, same_grouped.reshape(count * m, *model.data_shape))
+    features = model.amp(d.features)(x)
+    real_prob = model.amp(d.head)(features).softmax(1)[:, -1]
+    return obj.madgan_similarity(features.reshape(count, m, -1), real_prob.reshape(count, m))
+
+
 def train_step(
     model: GanModel,
     next_real: Callable[[], Tensor],
@@ -514,12 +538,20 @@ def train_step(
     try:
         z = sample_noise(model, batch, rng, device)
         encoder = model.encoder
+        similarity_weight = cfg.objective.madgan_similarity
         if encoder is not None:
             # MRGAN: G(z) and G(E(x)) in one generator forward (one forward per backward under DDP).
             z_rec = model.amp(encoder)(real).reshape(count, -1, cfg.generators.z_dim)
             out = G_amp(torch.cat([z, z_rec], dim=1))
             m = z.shape[1]
             fake_grouped, recon = out[:, :m], out[:, m:].reshape(-1, *model.data_shape)
+        elif similarity_weight > 0:
+            # MAD-GAN-Sim: the shared-z samples ride in the same generator forward (one forward
+            # per backward under DDP); both halves are N(0, I) noise, so BatchNorm's statistics
+            # describe the same distribution. The adversarial half keeps its own z per generator.
+            m = z.shape[1]
+            out = G_amp(torch.cat([z, shared_noise(model, m, rng, device)], dim=1))
+            fake_grouped, same_grouped = out[:, :m], out[:, m:]
         else:
             fake_grouped = G_amp(z)
         fake = fake_grouped.reshape(batch, *model.data_shape)
@@ -548,6 +580,10 @@ def train_step(
             diversity = obj.madgan_diversity(fake_grouped)
             logs["diversity"] = diversity.detach()
             g_loss = g_loss + cfg.objective.madgan_diversity * diversity
+        if similarity_weight > 0:
+            similarity = similarity_term(model, d_inner, same_grouped)
+            logs["similarity"] = similarity.detach()
+            g_loss = g_loss + similarity_weight * similarity
         if encoder is not None:
             recon_logits = _d_outputs(critic, recon, cfg.discriminator.pack, groups=1)
             reg = obj.mrgan_regularizer(

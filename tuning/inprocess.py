@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from typing import Any
 
 import torch
@@ -42,6 +43,11 @@ def run_in_process(
     from services.launch import for_workers
     from services.worker import DIVERGED_FILE, WorkerSession, test_hooks
 
+    if quiet:
+        # Tune's function API logs "Checkpoint successfully created at: ..." at INFO for every
+        # reported checkpoint (Ray's ray/train/_internal/storage.py); a Train trial's
+        # controller keeps it out of the sweep's output, so this one does too.
+        logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     cfg = for_workers(cfg)
     data = None
     if cfg.data.name in FILE_DATA:
