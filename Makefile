@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-quick clean
+.PHONY: demo test test-fast lint bench bench-quick clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15
+
+# The inner loop: every test that starts no Ray, S3 endpoint or MLflow server.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not integration" --durations=5
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
