@@ -2,19 +2,44 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 OUT_DIR = Path(__file__).parent / "out"
+
+
+@contextlib.contextmanager
+def private_ray(name: str, num_cpus: int = 2) -> Iterator[Path]:
+    """A private Ray (as tuning.sweep starts it) for a benchmark that runs sweeps; yields a
+    fresh working folder. RAY_TMPDIR is a short fresh folder (Ray's socket paths must stay
+    under 108 bytes), set before ray.init so every Ray process inherits it; Ray is shut down
+    and both folders are removed afterwards."""
+    import ray
+
+    from services.launch import init_ray
+
+    ray_tmp = tempfile.mkdtemp(prefix="rgb", dir="/tmp")
+    os.environ["RAY_TMPDIR"] = ray_tmp
+    root = Path(tempfile.mkdtemp(prefix=f"raygan-{name}-"))
+    init_ray(num_cpus=num_cpus)
+    try:
+        yield root
+    finally:
+        ray.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def _cpu_model() -> str:

@@ -19,16 +19,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from ray import tune
 
-from bench.common import machine, write_json
+from bench.common import machine, private_ray, write_json
 from bench.streaming import descendants, meminfo, memory_of, processes
 
 MIB = 1024**2
@@ -95,44 +92,36 @@ def main(argv: list[str] | None = None) -> int:
     from tuning import sweep
     from tuning.plan import make_plan
 
-    ray_tmp = tempfile.mkdtemp(prefix="rgm", dir="/tmp")
-    os.environ["RAY_TMPDIR"] = ray_tmp
-    root = Path(tempfile.mkdtemp(prefix="raygan-memory-"))
-    sweep.init_ray(num_cpus=2)
     sampler = Sampler()
-    try:
-        time.sleep(5)  # Ray's own processes settle
-        baseline = sampler.sample()
-        sampler.start()
-        space = root / "seeds.yaml"
-        space.write_text(f"grid:\n  seed: {list(range(args.trials))}\n")
-        n = args.steps // 2 * 2
-        plan, storage = make_plan(
-            "memory",
-            str(space),
-            "ring8",
-            [
-                f"train.steps={n}",
-                f"eval.every={n // 2}",
-                f"checkpoint.every={n}",
-                "train.threads=1",
-                f"storage.uri={root / 'runs'}",
-                f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
-            ],
-            scheduler="fifo",
-            max_concurrent=2,
-        )
-        ends = Ends()
-        started = time.perf_counter()
-        outcome = sweep.run_sweep(plan, storage, quiet=True, callbacks=[ends])
-        wall = time.perf_counter() - started
-    finally:
-        sampler.stop.set()
-        import ray
-
-        ray.shutdown()
-        shutil.rmtree(root, ignore_errors=True)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    with private_ray("memory") as root:
+        try:
+            time.sleep(5)  # Ray's own processes settle
+            baseline = sampler.sample()
+            sampler.start()
+            space = root / "seeds.yaml"
+            space.write_text(f"grid:\n  seed: {list(range(args.trials))}\n")
+            n = args.steps // 2 * 2
+            plan, storage = make_plan(
+                "memory",
+                str(space),
+                "ring8",
+                [
+                    f"train.steps={n}",
+                    f"eval.every={n // 2}",
+                    f"checkpoint.every={n}",
+                    "train.threads=1",
+                    f"storage.uri={root / 'runs'}",
+                    f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
+                ],
+                scheduler="fifo",
+                max_concurrent=2,
+            )
+            ends = Ends()
+            started = time.perf_counter()
+            outcome = sweep.run_sweep(plan, storage, quiet=True, callbacks=[ends])
+            wall = time.perf_counter() - started
+        finally:
+            sampler.stop.set()
     total = meminfo()["MemTotal"]
     samples = sampler.samples
     used_at_end = [s["used"] for s in ends.at_end]

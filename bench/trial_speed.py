@@ -16,15 +16,12 @@ both speeds and their ratio (bar of issue 17: >= 0.85). Writes bench/out/trial_s
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.common import machine, table, write_json
+from bench.common import machine, private_ray, table, write_json
 
 KNOBS: dict[str, list[int]] = {"unroll.steps": [0, 1, 5], "generators.count": [4, 8]}
 
@@ -99,24 +96,12 @@ def main(argv: list[str] | None = None) -> int:
             speed = alone(knob, value, args.steps)
             rows.append({"knob": knob, "value": value, "alone_steps_per_s": round(speed, 2)})
             print(f"alone {knob}={value}: {speed:.2f} steps/s", flush=True)
-    from tuning.sweep import init_ray
-
-    ray_tmp = tempfile.mkdtemp(prefix="rgs", dir="/tmp")
-    os.environ["RAY_TMPDIR"] = ray_tmp
-    root = Path(tempfile.mkdtemp(prefix="raygan-speed-"))
-    init_ray(num_cpus=2)
-    try:
+    with private_ray("speed") as root:
         for knob, values in KNOBS.items():
             for value, speed in swept(knob, values, args.steps, root).items():
                 row = next(r for r in rows if r["knob"] == knob and r["value"] == value)
                 row["trial_steps_per_s"] = round(speed, 2)
                 row["ratio"] = round(speed / row["alone_steps_per_s"], 3)
-    finally:
-        import ray
-
-        ray.shutdown()
-        shutil.rmtree(root, ignore_errors=True)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
     print(
         table(
             ["knob", "value", "alone steps/s", "trial steps/s (2 at a time)", "ratio"],

@@ -18,16 +18,13 @@ Train job costs a trial.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from ray import tune
 
-from bench.common import machine, median, table, write_json
+from bench.common import machine, median, private_ray, table, write_json
 
 
 class Clock(tune.Callback):
@@ -105,21 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args(argv)
     print(__doc__.split("\n\n", 2)[2].strip(), flush=True)
-    from tuning.sweep import init_ray
-
-    # Short socket paths (Ray's limit is 107 bytes) and nothing left behind.
-    ray_tmp = tempfile.mkdtemp(prefix="rgb", dir="/tmp")
-    os.environ["RAY_TMPDIR"] = ray_tmp
-    root = Path(tempfile.mkdtemp(prefix="raygan-startup-"))
-    init_ray(num_cpus=2)
-    try:
+    with private_ray("startup") as root:
         rows = [run_sweep(runner, args, root) for runner in ("train", "process")]
-    finally:
-        import ray
-
-        ray.shutdown()
-        shutil.rmtree(root, ignore_errors=True)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
     by = {row["runner"]: row for row in rows}
     saved = {
         key: round(by["train"][key] - by["process"][key], 2)
