@@ -37,7 +37,7 @@ import torch
 from omegaconf import OmegaConf
 
 from gan_core.config import ConfigError, GanConfig, flatten, from_dict, to_yaml
-from services.storage import write_failure
+from services.storage import Storage, write_failure
 
 if TYPE_CHECKING:
     from gan_core.loop import GanRun
@@ -162,6 +162,20 @@ def checkpoint_folders(paths: Iterable[str]) -> dict[str, set[str]]:
         if ray_folder or local_folder:
             folders.setdefault(parent, set()).add(file)
     return folders
+
+
+def download_complete(storage: Storage, folder: str, files: Collection[str], dest: Path) -> bool:
+    """Copy the stored checkpoint folder ``folder`` (relative to ``storage``; ``files`` are its
+    file names, from a listing) into the local folder ``dest`` and say whether it is complete:
+    ``incomplete_reason`` (which warns) checks the local copy, so each file is read from storage
+    once, for the check and the restore alike."""
+    for file in files:
+        (dest / file).write_bytes(storage.read_bytes(f"{folder}/{file}"))
+
+    def read(name: str) -> bytes:
+        return (dest / name).read_bytes()
+
+    return incomplete_reason(storage.run_uri(folder), files, read) is None
 
 
 def listed_complete(files: Collection[str]) -> bool:

@@ -36,7 +36,7 @@ from services.checkpoints import (
     LOCAL_CHECKPOINTS,
     CheckpointError,
     checkpoint_folders,
-    incomplete_reason,
+    download_complete,
 )
 from services.launch import init_ray, make_trainer
 from services.storage import (
@@ -171,10 +171,7 @@ def _run_local(cfg: GanConfig, args: argparse.Namespace, data: FileData | None) 
     # skipped with a warning. A complete one that does not load stops the run (exit 2).
     for folder in sorted(saved, reverse=True):
         with tempfile.TemporaryDirectory() as tmp:
-            for file in saved[folder]:
-                (Path(tmp) / file).write_bytes(storage.read_bytes(f"{cfg.name}/{folder}/{file}"))
-            where = f"{storage.run_uri(cfg.name)}/{folder}"
-            if incomplete_reason(where, saved[folder], lambda f: (Path(tmp) / f).read_bytes()):
+            if not download_complete(storage, f"{cfg.name}/{folder}", saved[folder], Path(tmp)):
                 continue
             session.restore(tmp)
         print(f"[raygan] resumed {cfg.name} at step {session.start_step}", flush=True)

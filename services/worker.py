@@ -33,7 +33,7 @@ from services.checkpoints import (
     RAY_CHECKPOINT_PREFIX,
     CheckpointError,
     checkpoint_folders,
-    incomplete_reason,
+    download_complete,
     listed_complete,
     load_checkpoint,
     save_checkpoint,
@@ -248,11 +248,7 @@ def restore_latest_stored(session: WorkerSession, newer_than: int = 0) -> bool:
         if step <= newer_than:
             break
         with tempfile.TemporaryDirectory() as tmp:
-            for file in folders[folder]:
-                data = storage.read_bytes(f"{name}/{folder}/{file}")
-                (Path(tmp) / file).write_bytes(data)
-            where = f"{storage.run_uri(name)}/{folder}"
-            if incomplete_reason(where, folders[folder], lambda f: (Path(tmp) / f).read_bytes()):
+            if not download_complete(storage, f"{name}/{folder}", folders[folder], Path(tmp)):
                 continue
             try:
                 session.restore(tmp)
