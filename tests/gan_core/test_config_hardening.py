@@ -32,6 +32,7 @@ from gan_core.config import (
 )
 from gan_core.nets import build_discriminator
 from gan_core.unroll import lookahead_params
+from tests.gan_core.test_footprint import HAND_NETS
 
 SECRET = "planted-s3cret-Zq81"
 ENV = "RAYGAN_PLANTED_SECRET"
@@ -188,19 +189,12 @@ def test_every_preset_loads_as_omegaconfs_own_reader_reads_it() -> None:
 
 # --- 3. the look-ahead in the footprint; its bound; seeds ---------------------------------------
 
-TINY_D = [
-    "generators.width=4",
-    "generators.depth=1",
-    "discriminator.width=3",
-    "discriminator.depth=1",
-    "discriminator.maxout_pieces=1",
-    "train.batch_size=10",
-]
-
 
 @pytest.mark.parametrize(("second_order", "alive"), [(True, 4), (False, 1)])
 def test_the_lookahead_part_by_hand(second_order: bool, alive: int) -> None:
-    cfg = load_config("ring8", [*TINY_D, "unroll.steps=4", f"unroll.second_order={second_order}"])
+    cfg = load_config(
+        "ring8", [*HAND_NETS, "unroll.steps=4", f"unroll.second_order={second_order}"]
+    )
     # D: Flatten (2), Linear(2 -> 3), LeakyReLU (3), Linear(3 -> 1): 9 elements per sample and
     # 2*3+3 + 3+1 = 13 parameters. Each step alive: 10 real + 10 fake samples' activations and
     # their gradients, plus 32 bytes per parameter; first order keeps one step at a time.

@@ -32,21 +32,21 @@ def test_parameter_bytes_are_the_real_nets_parameter_counts() -> None:
     assert estimate.parts["encoder.width"] == 0  # no encoder outside MRGAN
 
 
+# Nets small enough to count by hand (the tests below and test_config_hardening's look-ahead).
+HAND_NETS = [
+    "generators.width=4",
+    "generators.depth=1",
+    "discriminator.width=3",
+    "discriminator.depth=1",
+    "discriminator.maxout_pieces=1",
+    "train.batch_size=10",
+]
+
+
 def test_ring8_generator_activations_by_hand() -> None:
     # G: Linear(2 -> 4), BN, ReLU, then the output Linear(4 -> 2) and its Unflatten: 4+4+4+2+2
     # elements per sample; D: Flatten (2), Linear(2 -> 3), LeakyReLU, Linear(3 -> 1): 2+3+3+1.
-    cfg = load_config(
-        "ring8",
-        [
-            "generators.width=4",
-            "generators.depth=1",
-            "discriminator.width=3",
-            "discriminator.depth=1",
-            "discriminator.maxout_pieces=1",
-            "train.batch_size=10",
-            "eval.samples=7",
-        ],
-    )
+    cfg = load_config("ring8", [*HAND_NETS, "eval.samples=7"])
     parts = fp.footprint(cfg).parts
     per_g, per_d = 16, 9
     assert parts["train.batch_size"] == 2 * 4 * 10 * (per_g + 2 * per_d)

@@ -15,16 +15,9 @@ from gan_core.nets import build_discriminator
 from gan_core.objectives import madgan_similarity
 from gan_core.steps import GanModel, build_model, shared_noise, similarity_term, train_step
 
-POINTS = (2,)
-BATCH = 8
-TINY = [
-    "generators.width=16",
-    "generators.depth=2",
-    "discriminator.width=16",
-    "discriminator.depth=2",
-    "discriminator.maxout_pieces=1",
-    f"train.batch_size={BATCH}",
-]
+# The tiny nets of the loop tests (batch 8, as test_steps' batches).
+from tests.gan_core.test_loop import TINY
+from tests.gan_core.test_steps import BATCH, POINTS
 
 
 def make(*overrides: str, preset: str = "ring8_madgan", seed: int = 0) -> GanModel:

@@ -15,50 +15,21 @@ from gan_core.loop import GanRun, LoopHooks, format_eval
 from gan_core.objectives import wasserstein_estimate, wgan_d_loss, wgan_g_loss
 from gan_core.steps import (
     LOSS_METRICS,
-    build_model,
     discriminator_loss,
     generator_loss,
     sample_noise,
     train_step,
 )
 
-BATCH = 8
-TINY = [
-    "generators.width=16",
-    "generators.depth=2",
-    "discriminator.width=16",
-    "discriminator.depth=2",
-    "discriminator.maxout_pieces=1",
-    f"train.batch_size={BATCH}",
-    "eval.samples=200",
-    "eval.grid=16",
-]
+# The tiny nets of the loop tests (batch 8, as test_steps' batches).
+from tests.gan_core.test_loop import TINY
+from tests.gan_core.test_steps import BATCH, clone_rng, feeder, make, real_batches
+
 WGAN = ["objective.name=wgan", "g_optim.name=rmsprop", "d_optim.name=rmsprop"]
 
 
 def tiny(*overrides: str, preset: str = "ring8") -> GanConfig:
     return load_config(preset, [*TINY, *overrides])
-
-
-def make(cfg: GanConfig, seed: int = 0) -> steps.GanModel:
-    torch.manual_seed(seed)
-    return build_model(cfg, (2,))
-
-
-def real_batches(n: int, seed: int = 1) -> list[Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(BATCH, 2, generator=g) for _ in range(n)]
-
-
-def feeder(batches: list[Tensor]):
-    it = iter(batches)
-    return lambda: next(it)
-
-
-def twin(rng: torch.Generator) -> torch.Generator:
-    other = torch.Generator()
-    other.set_state(rng.get_state())
-    return other
 
 
 def linear_critic(w: tuple[float, float]):
@@ -151,7 +122,9 @@ def test_clipping_bounds_every_critic_parameter_after_a_step():
     # The step is "RMSProp update, then clamp", replayed here by hand.
     D = replay.discriminator
     with torch.no_grad():
-        fake = replay.generator(sample_noise(replay, BATCH, twin(rng), "cpu")).reshape(BATCH, 2)
+        fake = replay.generator(sample_noise(replay, BATCH, clone_rng(rng), "cpu")).reshape(
+            BATCH, 2
+        )
     out = D(torch.cat([real, fake]), groups=2)
     loss = out[BATCH:].mean() - out[:BATCH].mean()
     replay.d_opt.zero_grad(set_to_none=True)
@@ -253,7 +226,7 @@ def test_step_reports_the_estimate_of_its_critic_updates(n_critic):
     replay = copy.deepcopy(model)
     reals = real_batches(n_critic)
     rng = torch.Generator().manual_seed(9)
-    metrics = train_step(model, feeder(reals), twin(rng))
+    metrics = train_step(model, feeder(reals), clone_rng(rng))
 
     # By hand: mean(D(x)) - mean(D(G(z))) before each critic update, then the update and clip.
     estimates, losses = [], []
