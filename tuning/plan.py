@@ -82,6 +82,16 @@ class SweepPlan:
         return from_dict({**self.base, **knobs}, source=f"sweep {self.name}")
 
     @property
+    def one_cpu_worker(self) -> bool:
+        """Every trial has one CPU worker and no knob changes the resources (Tune's resource
+        request is fixed per sweep): what training in the trial's own process needs."""
+        return (
+            int(self.base["resources.num_workers"]) == 1
+            and not self.base["resources.use_gpu"]
+            and not any(k.startswith("resources.") for k in self.space.knobs)
+        )
+
+    @property
     def trials(self) -> int:
         return trial_count(self.space, self.num_samples)
 
@@ -211,11 +221,8 @@ def _check_settings(plan: SweepPlan) -> None:
     )
     space = plan.space
     if plan.trial_runner == "process":
-        resources = [k for k in space.knobs if k.startswith("resources.")]
         _check(
-            plan.base["resources.num_workers"] == 1
-            and not plan.base["resources.use_gpu"]
-            and not resources,
+            plan.one_cpu_worker,
             "--trial-runner",
             plan.trial_runner,
             "'auto' or 'train' for trials with more than one worker, a GPU or a resources knob "

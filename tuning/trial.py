@@ -90,13 +90,8 @@ def runs_in_process(plan: SweepPlan) -> bool:
     ``auto`` with one CPU worker per trial and no knob that changes the resources (Tune's
     resource request is fixed per sweep). ``train`` makes every trial a Ray Train job."""
     if plan.trial_runner != "auto":
-        return plan.trial_runner == "process"  # "process" was checked against the same rules
-    base = plan.base
-    return (
-        int(base["resources.num_workers"]) == 1
-        and not base["resources.use_gpu"]
-        and not any(k.startswith("resources.") for k in plan.space.knobs)
-    )
+        return plan.trial_runner == "process"  # "process" was checked against one_cpu_worker
+    return plan.one_cpu_worker
 
 
 def trial_resources(settings: TrialSettings) -> dict[str, float]:
