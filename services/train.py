@@ -50,6 +50,7 @@ from services.worker import (
     DIVERGED_FILE,
     TRACKING_FILE,
     WorkerSession,
+    ended_status,
     nan_injector,
 )
 from services.worker import (
@@ -193,8 +194,8 @@ def _run_local(cfg: GanConfig, args: argparse.Namespace, data: FileData | None) 
         session.run.run(hooks)
     except NonFiniteError as exc:
         last = session.diverged(exc)
-    except BaseException:
-        session.finish("FAILED")
+    except BaseException as exc:
+        session.finish(ended_status(exc))
         raise
     else:
         session.finish("FINISHED")

@@ -218,6 +218,14 @@ class WorkerSession:
             self.mlflow_run_id = self.tracker.run_id or self.mlflow_run_id
 
 
+def ended_status(exc: BaseException) -> str:
+    """The MLflow status of a run whose training raised ``exc``. Tune stops a function trial by
+    raising SystemExit in its next report (a scheduler's stop, an interrupted sweep), Ctrl+C is
+    a KeyboardInterrupt: the run was stopped from outside (KILLED; a resume reopens it), not a
+    failure of its own (FAILED)."""
+    return "KILLED" if isinstance(exc, (SystemExit, KeyboardInterrupt)) else "FAILED"
+
+
 def checkpoint_uri(checkpoint: Any) -> str:
     """Where a ``ray.train.Checkpoint`` is stored, as a user would write it (``s3://...``)."""
     filesystem = getattr(checkpoint, "filesystem", None)
@@ -362,8 +370,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Every rank gets here at the same step (GanRun agrees on it), so reports stay paired.
         ray.train.report(session.diverged(exc), checkpoint=None)
         return
-    except BaseException:
-        session.finish("FAILED")
+    except BaseException as exc:
+        session.finish(ended_status(exc))
         raise
     session.finish("FINISHED")
 

@@ -41,7 +41,7 @@ def run_in_process(
     the Tune checkpoint to begin from (None: from scratch). Raises RuntimeError with the reason
     when the run diverges, so the trial errors with it, as a Train trial does."""
     from services.launch import for_workers
-    from services.worker import DIVERGED_FILE, WorkerSession, test_hooks
+    from services.worker import DIVERGED_FILE, WorkerSession, ended_status, test_hooks
 
     if quiet:
         # Tune's function API logs "Checkpoint successfully created at: ..." at INFO for every
@@ -91,8 +91,8 @@ def run_in_process(
         session.run.run(hooks)
     except NonFiniteError as exc:
         raise RuntimeError(str(session.diverged(exc)["stop_reason"])) from None
-    except BaseException:
-        session.finish("FAILED")
+    except BaseException as exc:
+        session.finish(ended_status(exc))
         raise
     session.finish("FINISHED")
     if mlflow_run_id:

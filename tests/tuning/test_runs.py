@@ -8,6 +8,7 @@ import mlflow
 import pytest
 
 from services.tracking import HTTP_DEFAULTS
+from services.worker import ended_status
 from tuning.runs import PARENT_TAG, TRIAL_TAG, child_run_id, close_children
 
 
@@ -54,8 +55,9 @@ def test_close_children_follows_tunes_view(tracking: str) -> None:
     cases = {
         # trial: (status its worker left, Tune's outcome, expected MLflow status)
         "done": ("RUNNING", "COMPLETED", "FINISHED"),
-        # ASHA's stop reached the worker inside Python: it ended its own run FAILED.
-        "stopped": ("FAILED", "STOPPED", "FINISHED"),
+        # ASHA's stop reached the worker inside Python (SystemExit): it ended its run KILLED.
+        "stopped": ("KILLED", "STOPPED", "FINISHED"),
+        "stopped_hard": ("FAILED", "STOPPED", "FINISHED"),  # a worker that raised on its way out
         "errored": ("FINISHED", "ERROR", "FAILED"),
         "interrupted": ("RUNNING", "INCOMPLETE", "KILLED"),
         "left": ("FAILED", "INCOMPLETE", "FAILED"),  # not Tune's to decide yet
@@ -80,3 +82,12 @@ def test_close_children_follows_tunes_view(tracking: str) -> None:
     assert stopped.metrics["score"] == 1.5
     assert client.get_run(ids["errored"]).data.tags["raygan.error"] == "RuntimeError: boom"
     assert "raygan.tune_status" not in client.get_run(ids["interrupted"]).data.tags
+
+
+def test_a_run_stopped_from_outside_ends_killed_not_failed() -> None:
+    # Tune stops a function trial by raising SystemExit in its next report; Ctrl+C raises
+    # KeyboardInterrupt. Neither is the run's own failure.
+    assert ended_status(SystemExit(0)) == "KILLED"
+    assert ended_status(KeyboardInterrupt()) == "KILLED"
+    assert ended_status(RuntimeError("boom")) == "FAILED"
+    assert ended_status(MemoryError()) == "FAILED"
