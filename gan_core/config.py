@@ -269,6 +269,9 @@ class StorageConfig:
     uri: str = "./runs"  # local folder or s3://bucket/prefix
     endpoint: str = ""  # S3-compatible endpoint URL; empty = AWS_ENDPOINT_URL or AWS default
     region: str = ""
+    # A run's lease (services/lease.py) is renewed every quarter of this; a holder silent for
+    # longer on another machine is presumed dead (one on this machine is checked by its PID).
+    lease_seconds: float = 60.0
 
 
 @dataclass
@@ -809,6 +812,13 @@ def validate(cfg: GanConfig, source: str = "<config>") -> None:
     _check(r.num_workers >= 1, "resources.num_workers", r.num_workers, ">= 1", source)
     _check(r.cpus_per_worker > 0, "resources.cpus_per_worker", r.cpus_per_worker, "> 0", source)
     _check(r.max_failures >= -1, "resources.max_failures", r.max_failures, ">= -1", source)
+    _check(
+        5 <= cfg.storage.lease_seconds <= 86400,
+        "storage.lease_seconds",
+        cfg.storage.lease_seconds,
+        "5-86400 (seconds without renewal before a run's lease on another machine is stale)",
+        source,
+    )
     c = cfg.checkpoint
     _check(c.every >= 1, "checkpoint.every", c.every, ">= 1", source)
     _check(c.keep >= 1, "checkpoint.keep", c.keep, ">= 1", source)

@@ -39,6 +39,7 @@ from services.checkpoints import (
     download_complete,
 )
 from services.launch import init_ray, make_trainer
+from services.lease import LeaseHeld, acquire_for
 from services.storage import (
     StorageError,
     find_write_failure,
@@ -74,6 +75,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("--quiet", action="store_true", help="only the final summary")
     verbosity.add_argument("--verbose", action="store_true", help="keep Ray's own logs")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="take over the run's lease from a job known to be dead (see services/lease.py)",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     return parser.parse_args(argv)
 
@@ -249,21 +255,33 @@ def main(argv: list[str] | None = None) -> int:
         # Data before storage: open_storage creates a local storage folder, and a run refused
         # for its data must leave nothing behind.
         data = preflight(cfg)
-        open_storage(cfg.storage)  # refuse a bad bucket or endpoint before any worker starts
-    except (ConfigError, StorageError, DataError) as exc:
+        storage = open_storage(cfg.storage)  # a bad bucket or endpoint: before any worker
+        # One writer per run: a twin of a live job is refused here, before it trains.
+        lease = acquire_for(storage, cfg.storage, cfg.name, "services.train", args.force)
+    except (ConfigError, StorageError, DataError, LeaseHeld) as exc:
         print(f"raygan: {redact(str(exc))}", file=sys.stderr)
         return 2
     try:
-        summary = (
-            run_with_ray(cfg, args)
-            if cfg.resources.backend == "ray"
-            else run_local(cfg, args, data)
-        )
+        with lease:
+            summary = (
+                run_with_ray(cfg, args)
+                if cfg.resources.backend == "ray"
+                else run_local(cfg, args, data)
+            )
     except CheckpointError as exc:
         print(f"raygan: cannot resume: {redact(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"raygan: interrupted; rerun the same command to resume {cfg.name}", file=sys.stderr)
+        if lease.lost:
+            print(
+                f"raygan: stopped: another job took over {cfg.name}'s lease ({lease.where})",
+                file=sys.stderr,
+            )
+        else:
+            print(
+                f"raygan: interrupted; rerun the same command to resume {cfg.name}",
+                file=sys.stderr,
+            )
         return 130
     except Exception as exc:
         # A full disk, here or inside a Ray worker (where Ray restarts the worker group up to

@@ -45,6 +45,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTra
 
 from gan_core.config import ConfigError, StorageConfig, load_config
 from services.launch import init_ray
+from services.lease import LeaseHeld, RunLease, acquire_for
 from services.preflight import DataError, preflight
 from services.storage import Storage, StorageError, open_storage, ray_storage_args, redact
 from services.tracking import Tracker
@@ -136,6 +137,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--resume",
         action="store_true",
         help="continue the interrupted sweep --name (its saved settings)",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="take over the sweep's lease from a sweep known to be dead (services/lease.py)",
     )
     parser.add_argument(
         "--address", default=None, help="Ray address (default: RAY_ADDRESS, else start a local Ray)"
@@ -421,9 +427,18 @@ def main(argv: list[str] | None = None) -> int:
         plan, storage = plan_from_args(args)
         # The trials share the base config's data: checked once, before any trial starts.
         preflight(plan.base_config)
-    except (ConfigError, StorageError, DataError) as exc:
+        # One sweep per name: a twin (say a second --resume while the first runs) is refused.
+        lease = acquire_for(
+            storage, plan.base_config.storage, plan.name, "tuning.sweep", args.force
+        )
+    except (ConfigError, StorageError, DataError, LeaseHeld) as exc:
         print(f"raygan: {redact(str(exc))}", file=sys.stderr)
         return 2
+    with lease:
+        return _run(args, plan, storage, lease)
+
+
+def _run(args: argparse.Namespace, plan: SweepPlan, storage: Storage, lease: RunLease) -> int:
     verb = "resuming" if args.resume else "starting"
     print(
         f"[raygan] {verb} sweep {plan.name}: {plan.trials} trials, space {plan.space.name} "
@@ -439,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         outcome = None
     if outcome is None or outcome.interrupted:
+        if lease.lost:
+            print(f"raygan: stopped: another sweep took over {lease.where}", file=sys.stderr)
         done = 0 if outcome is None else sum(s != "INCOMPLETE" for s in outcome.statuses.values())
         storage_args = " ".join(a for a in args.overrides if a.startswith("storage."))
         print(
