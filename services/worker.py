@@ -86,6 +86,7 @@ class WorkerSession:
         self.mlflow_run_id: str | None = None
         self.started = time.perf_counter()
         self.start_step = 0
+        self.restored_metrics: dict[str, float] = {}
         self.dedupe_replayed_steps = True
 
     # -- restore -------------------------------------------------------------------------------
@@ -97,6 +98,13 @@ class WorkerSession:
         # the run keeps its own weights (torch's strict load would copy those that fit first).
         restore_run(folder, state, self.run)
         self.start_step = self.run.model.step
+        try:
+            # The evaluation the checkpoint was written at: what a run that has nothing left
+            # to train reports (meta.json's "metrics"; None for values that were not finite).
+            meta = json.loads((Path(folder) / META_FILE).read_text()).get("metrics") or {}
+            self.restored_metrics = {k: v for k, v in meta.items() if v is not None}
+        except (OSError, ValueError, AttributeError):
+            self.restored_metrics = {}
         tracking = Path(folder) / TRACKING_FILE
         if tracking.is_file():
             self.mlflow_run_id = json.loads(tracking.read_text()).get("run_id")
@@ -350,6 +358,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         session.dedupe_replayed_steps = False
     _wrap_for_ddp(session)
     session.start_tracking()
+    if config.get("scan_storage") and session.start_step >= cfg.train.steps:
+        # Resumed at or past its budget (say from a checkpoint Ray had not registered yet):
+        # nothing to train. Reported, or Ray's result would carry its registered checkpoint's
+        # older step and the summary would say the run ended there.
+        if rank == 0:
+            sys.stdout.write(
+                f"[raygan] {cfg.name} is at step {session.start_step} already "
+                f"(train.steps={cfg.train.steps}): nothing left to train\n"
+            )
+            sys.stdout.flush()
+        session.finish("FINISHED")  # its MLflow run, left RUNNING or KILLED by a stopped job
+        payload = {**session.restored_metrics, "step": float(session.start_step)}
+        ray.train.report(payload, checkpoint=None)
+        return
     on_step = test_hooks(rank)
 
     def on_eval(run: GanRun, metrics: dict[str, float]) -> None:

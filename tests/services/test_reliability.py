@@ -389,6 +389,17 @@ def test_sigint_stops_the_driver_cleanly_and_a_rerun_resumes(
     # have registered it yet when the abort came, the worker finds it in storage anyway.
     assert resumed and 20 <= int(resumed[-1].rsplit(" ", 1)[1]) <= 30
     assert json.loads(summary.read_text())["steps"] == 50
+    # A rerun with a smaller budget has nothing to train: it says so and reports where the run
+    # is (step 50, with that evaluation's metrics), not an older registered checkpoint's step.
+    assert (
+        train.main(["--config", "ring8", *common, "train.steps=40", "--summary-json", str(summary)])
+        == 0
+    )
+    assert "is at step 50 already (train.steps=40): nothing left to train" in _worker_output(
+        ray_cluster, "nothing left to train"
+    )
+    again = json.loads(summary.read_text())
+    assert again["steps"] == 50 and "modes" in again["metrics"]
     OUTPUTS.append(runs)
     TEXTS.append(output)
 
