@@ -21,6 +21,16 @@ paths under it must stay below 108 bytes).
 
 The S3 endpoint is moto: in memory, any credentials accepted, gone after ``down``. It is for
 development and tests; production points the same code at AWS S3, MinIO or Ceph.
+
+No secret goes into a job's ``runtime_env``: Ray shows its ``env_vars`` to every reader of the
+job (``ray job list``, the jobs API) and writes them into its session logs many times. ``up``
+writes the S3 keys (``testing``/``testing``, or ``$STACK_AWS_ACCESS_KEY_ID`` /
+``$STACK_AWS_SECRET_ACCESS_KEY``) to an AWS shared credentials file in ``--dir`` (mode 0600)
+and starts every service with ``AWS_SHARED_CREDENTIALS_FILE`` naming it and no key variable.
+Ray's job drivers and workers inherit the head's environment, so the printed submit line needs
+no ``--runtime-env-json`` at all: the stack's endpoints are in that environment too, as a
+cluster's are in its pods'. Every file ``up`` writes is 0600, every folder it creates 0700, and
+the services run with umask 077 (Ray's session logs, the MLflow database).
 """
 
 from __future__ import annotations
@@ -44,12 +54,22 @@ from typing import Any
 
 HOST = "127.0.0.1"
 STATE_FILE = "stack.json"
-# The dev stack's S3 credentials: moto accepts any, and MLflow proxies artifacts for clients.
-DUMMY_KEYS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
+# An AWS shared credentials file (INI) and an AWS config file, both read by boto3 (MLflow) and by
+# the AWS C++ SDK under pyarrow's S3FileSystem (Ray Train storage, services.storage).
+CREDENTIALS_FILE = "aws-credentials"
+CONFIG_FILE = "aws-config"
+REGION = "us-east-1"
+# The dev stack's S3 keys: moto accepts any. These variables, when set, replace them (tests plant
+# a recognisable secret this way). Not RAYGAN_*: services.launch forwards RAYGAN_* variables to
+# Train workers through their runtime_env, where Ray would show them.
+KEY_ENV = ("STACK_AWS_ACCESS_KEY_ID", "STACK_AWS_SECRET_ACCESS_KEY")
+DUMMY_KEYS = ("testing", "testing")
+# Variables no service of the stack inherits from the shell that runs `up`: credentials and
+# endpoints of another S3 or MLflow (keys in the environment would beat the credentials file),
+# and the planted keys themselves.
+INHERITED_NOT = ("AWS_", "MLFLOW_", *KEY_ENV)
+# Files and folders the stack creates are readable by their owner only.
+PRIVATE_FILE, PRIVATE_DIR, SERVICE_UMASK = 0o600, 0o700, 0o077
 # Ray's worker processes take ports 10002-19999 by default; a fixed port in there can collide.
 RAY_WORKER_PORTS = range(10002, 20000)
 
@@ -99,6 +119,25 @@ def _bin(name: str) -> str:
     return found
 
 
+def write_private(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in a file that is mode 0600 from its creation on.
+
+    The text goes to a new file created 0600 (O_EXCL: never an existing file or a planted
+    symlink), which then replaces ``path`` in one rename: no reader ever sees a wider mode or
+    half the text, and no chmod runs after the secret is on disk.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def ray_token() -> str:
     """Ray's auth token the way Ray finds it: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray."""
     if os.environ.get("RAY_AUTH_TOKEN"):
@@ -106,9 +145,15 @@ def ray_token() -> str:
     path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
     if not path.is_file():
         # What `ray get-auth-token --generate` writes, without starting Ray's CLI (seconds).
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch(mode=0o600)
-        path.write_text(secrets.token_hex(32))
+        # A folder created here is 0700; an existing one (and an existing token) is left as is.
+        path.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
+        except FileExistsError:
+            pass  # another `up` (or Ray) made it just now: use theirs
+        else:
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_hex(32))
     return path.read_text().strip()
 
 
@@ -166,11 +211,21 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
+def _open_log(path: Path) -> int:
+    """``path`` opened for appending, 0600 (a log kept from an older stack is narrowed first;
+    a symlink there is refused, not followed)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, PRIVATE_FILE)
+    if os.fstat(fd).st_mode & 0o077:
+        os.fchmod(fd, PRIVATE_FILE)
+    return fd
+
+
 def _spawn(name: str, cmd: list[str], env: dict[str, str], logs: Path) -> dict[str, Any]:
     log = logs / f"{name}.log"
-    with log.open("ab") as out:
+    with os.fdopen(_open_log(log), "ab") as out:
         # Its own session: `down` can signal the whole group, and a Ctrl-C in the terminal
-        # that ran `up` does not reach the services.
+        # that ran `up` does not reach the services. umask 077: what the services write (Ray's
+        # session folder and logs, which name every job; the MLflow database) is private too.
         proc = subprocess.Popen(
             cmd,
             stdout=out,
@@ -178,6 +233,7 @@ def _spawn(name: str, cmd: list[str], env: dict[str, str], logs: Path) -> dict[s
             stdin=subprocess.DEVNULL,
             env=env,
             start_new_session=True,
+            umask=SERVICE_UMASK,
         )
     return {"pid": proc.pid, "start": _start_time(proc.pid), "cmd": cmd, "log": str(log)}
 
@@ -272,22 +328,48 @@ def _healthy(name: str, state: dict[str, Any]) -> bool:
     return _http_status(f"http://{HOST}:{ports['dashboard']}/api/jobs/", headers) == 200
 
 
-def _create_bucket(endpoint: str, bucket: str) -> None:
+def _create_bucket(state: dict[str, Any], keys: tuple[str, str]) -> None:
     import boto3
 
+    # The stack's keys, given here: this shell's own AWS_* variables are not the stack's.
     s3 = boto3.client(
         "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=DUMMY_KEYS["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=DUMMY_KEYS["AWS_SECRET_ACCESS_KEY"],
-        region_name=DUMMY_KEYS["AWS_DEFAULT_REGION"],
+        endpoint_url=f"http://{HOST}:{state['ports']['s3']}",
+        aws_access_key_id=keys[0],
+        aws_secret_access_key=keys[1],
+        region_name=REGION,
     )
+    bucket = state["bucket"]
     existing = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
     if bucket not in existing:
         s3.create_bucket(Bucket=bucket)
 
 
 # Commands --------------------------------------------------------------------------------------
+
+
+def stack_keys() -> tuple[str, str]:
+    """The S3 keys ``up`` writes to the credentials file: $STACK_AWS_* if set, else dummies."""
+    key, secret = (os.environ.get(name, "") for name in KEY_ENV)
+    if bool(key) != bool(secret):
+        raise StackError(f"set both {KEY_ENV[0]} and {KEY_ENV[1]}, or neither")
+    return (key, secret) if key else DUMMY_KEYS
+
+
+def write_credentials(stack_dir: Path, keys: tuple[str, str]) -> tuple[Path, Path]:
+    """The stack's AWS shared credentials file and config file, both 0600; their paths."""
+    key, secret = keys
+    if any(ch in value for value in keys for ch in "\r\n"):
+        raise StackError("an S3 key must be one line")
+    credentials = stack_dir / CREDENTIALS_FILE
+    config = stack_dir / CONFIG_FILE
+    write_private(
+        credentials, f"[default]\naws_access_key_id = {key}\naws_secret_access_key = {secret}\n"
+    )
+    # A config file of the stack's own: a default profile in ~/.aws/config (an SSO login, a role
+    # to assume) would otherwise come before the credentials file in boto3's chain.
+    write_private(config, f"[default]\nregion = {REGION}\n")
+    return credentials, config
 
 
 def _load_state(stack_dir: Path) -> dict[str, Any] | None:
@@ -298,9 +380,9 @@ def _load_state(stack_dir: Path) -> dict[str, Any] | None:
 
 
 def _commands(
-    ports: Ports, bucket: str, stack_dir: Path, num_cpus: int
+    state: dict[str, Any], stack_dir: Path, num_cpus: int
 ) -> tuple[dict[str, list[str]], dict[str, dict[str, str]]]:
-    s3_url = f"http://{HOST}:{ports.s3}"
+    ports, bucket = Ports(**state["ports"]), state["bucket"]
     db = (stack_dir / "mlflow.db").resolve()
     commands = {
         "s3": [_bin("moto_server"), "-H", HOST, "-p", str(ports.s3)],
@@ -335,21 +417,27 @@ def _commands(
             "--disable-usage-stats",
         ],
     }
-    base = {**os.environ, "AWS_EC2_METADATA_DISABLED": "true"}
+    base = {k: v for k, v in os.environ.items() if not k.startswith(INHERITED_NOT)}
+    settings = job_env(state)
     envs = {
-        "s3": base,
-        # Without MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false the server starts ~10 processes.
+        "s3": {**base, "AWS_EC2_METADATA_DISABLED": "true"},
+        # The server writes the proxied artifacts to S3 with boto3, which reads the same
+        # credentials file. Without MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false it starts ~10
+        # processes.
         "mlflow": {
             **base,
-            **DUMMY_KEYS,
-            "MLFLOW_S3_ENDPOINT_URL": s3_url,
+            **{k: v for k, v in settings.items() if k != "MLFLOW_TRACKING_URI"},
+            "MLFLOW_S3_ENDPOINT_URL": settings["AWS_ENDPOINT_URL"],
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         },
-        # On SIGTERM the head waits up to this long for running work to drain (default 30 s),
-        # which is for Serve traffic, not for a local training stack being stopped.
+        # Every job driver and worker is a child of the raylet and inherits this environment:
+        # the stack's settings reach each job without a runtime_env (see job_env).
+        # On SIGTERM the head waits up to RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S for running work
+        # to drain (default 30 s), which is for Serve traffic, not for a local stack being stopped.
         "ray": {
             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "5",
             **base,
+            **settings,
             "RAY_AUTH_MODE": "token",
             # A job's entrypoint `python` must be the interpreter that has raygan's
             # dependencies: the one running this stack (e.g. .venv), first on the PATH.
@@ -359,15 +447,29 @@ def _commands(
     return commands, envs
 
 
-def client_env(state: dict[str, Any]) -> dict[str, str]:
-    """What a shell needs to use the stack: S3 storage, MLflow, and the `ray job` CLI."""
+def job_env(state: dict[str, Any]) -> dict[str, str]:
+    """The stack's settings, in the Ray head's environment and so in every job's: where S3 and
+    MLflow are, and which file holds the S3 keys. Never a key: boto3 and pyarrow's S3 client
+    read them from the file, so no secret is in the environment of any process, nor in a job's
+    runtime_env (which Ray shows in `ray job list`, its jobs API and its session logs)."""
     ports = state["ports"]
-    env = {
+    return {
         "AWS_ENDPOINT_URL": f"http://{HOST}:{ports['s3']}",
-        **DUMMY_KEYS,
+        "AWS_SHARED_CREDENTIALS_FILE": state["credentials_file"],
+        "AWS_CONFIG_FILE": state["config_file"],
+        "AWS_DEFAULT_REGION": REGION,
+        # No client may wait on the cloud metadata address for credentials it will not find.
         "AWS_EC2_METADATA_DISABLED": "true",
         "MLFLOW_TRACKING_URI": f"http://{HOST}:{ports['mlflow']}",
-        "RAY_ADDRESS": f"http://{HOST}:{ports['dashboard']}",
+    }
+
+
+def client_env(state: dict[str, Any]) -> dict[str, str]:
+    """What a shell needs to use the stack: S3 storage, MLflow, and the `ray job` CLI. The S3
+    keys stay in the credentials file here too."""
+    env = {
+        **job_env(state),
+        "RAY_ADDRESS": f"http://{HOST}:{state['ports']['dashboard']}",
         "RAY_AUTH_MODE": "token",
     }
     if state.get("ray_tmpdir"):
@@ -376,20 +478,28 @@ def client_env(state: dict[str, Any]) -> dict[str, str]:
 
 
 def submit_line(state: dict[str, Any], preset: str = "ring8") -> str:
-    """A `ray job submit` of a training run storing to the stack's bucket and MLflow."""
-    env = client_env(state)
-    job_env = {k: v for k, v in env.items() if not k.startswith("RAY_")}
-    runtime_env = json.dumps({"env_vars": job_env})
+    """A `ray job submit` of a training run storing to the stack's bucket and MLflow. No
+    --runtime-env-json: the job inherits the stack's settings from the head (job_env), as a
+    job on a cluster does from its pods."""
     return (
-        f"ray job submit --working-dir . --runtime-env-json {shlex.quote(runtime_env)} "
+        "ray job submit --working-dir . "
         f"-- python -m services.train --config {preset} storage.uri=s3://{state['bucket']}/runs"
     )
 
 
 def up(
-    stack_dir: Path, ports: Ports, bucket: str = "raygan", num_cpus: int = 2, timeout: float = 120.0
+    stack_dir: Path,
+    ports: Ports,
+    bucket: str = "raygan",
+    num_cpus: int = 2,
+    timeout: float = 120.0,
+    keys: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Start the three services, wait until each answers, create the bucket; returns the state."""
+    """Start the three services, wait until each answers, create the bucket; returns the state.
+
+    ``keys`` (access key id, secret key) go only into the stack's credentials file; None takes
+    $STACK_AWS_ACCESS_KEY_ID / $STACK_AWS_SECRET_ACCESS_KEY, else moto's dummy pair."""
+    keys = keys or stack_keys()
     state = _load_state(stack_dir)
     if state and any(_is_ours(p["pid"], p.get("start")) for p in state["processes"].values()):
         raise StackError(
@@ -414,24 +524,29 @@ def up(
                 f"{RAY_WORKER_PORTS.start}-{RAY_WORKER_PORTS.stop - 1}"
             )
 
+    # Folders created here are 0700 (an existing --dir keeps its mode: it may be shared).
+    stack_dir.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
     logs = stack_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    # Keeps the stack's database and logs out of git and out of `ray job submit --working-dir .`.
-    (stack_dir / ".gitignore").write_text("*\n")
+    logs.mkdir(mode=PRIVATE_DIR, exist_ok=True)
+    # Keeps the stack's files out of git and out of `ray job submit --working-dir .` uploads.
+    write_private(stack_dir / ".gitignore", "*\n")
+    credentials, config = write_credentials(stack_dir, keys)
     ray_token()  # before Ray starts: with RAY_AUTH_MODE=token it refuses to start without one
     state = {
         "ports": vars(ports),
         "bucket": bucket,
         "processes": {},
         "ray_tmpdir": os.environ.get("RAY_TMPDIR", ""),
+        "credentials_file": str(credentials.resolve()),
+        "config_file": str(config.resolve()),
     }
-    commands, envs = _commands(ports, bucket, stack_dir, num_cpus)
+    commands, envs = _commands(state, stack_dir, num_cpus)
     try:
         for name, cmd in commands.items():
             state["processes"][name] = _spawn(name, cmd, envs[name], logs)
             # Written after each start: a failure halfway still leaves `down` what to stop.
-            (stack_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
-        _wait_healthy(state, bucket, timeout)
+            write_private(stack_dir / STATE_FILE, json.dumps(state, indent=2))
+        _wait_healthy(state, keys, timeout)
     except BaseException:
         for entry in reversed(state["processes"].values()):
             _stop(entry, timeout=10)
@@ -439,7 +554,7 @@ def up(
     return state
 
 
-def _wait_healthy(state: dict[str, Any], bucket: str, timeout: float) -> None:
+def _wait_healthy(state: dict[str, Any], keys: tuple[str, str], timeout: float) -> None:
     waiting = list(state["processes"])
     deadline = time.monotonic() + timeout
     while waiting:
@@ -447,7 +562,7 @@ def _wait_healthy(state: dict[str, Any], bucket: str, timeout: float) -> None:
             entry = state["processes"][name]
             if _healthy(name, state):
                 if name == "s3":
-                    _create_bucket(f"http://{HOST}:{state['ports']['s3']}", bucket)
+                    _create_bucket(state, keys)
                 waiting.remove(name)
             elif not _is_ours(entry["pid"], entry.get("start")):
                 raise StackError(
@@ -465,14 +580,16 @@ def _wait_healthy(state: dict[str, Any], bucket: str, timeout: float) -> None:
 
 
 def down(stack_dir: Path, timeout: float = 30.0) -> dict[str, str]:
-    """Stop every recorded process group (MLflow first: it writes to S3); name -> outcome."""
+    """Stop every recorded process group (MLflow first: it writes to S3); name -> outcome.
+    The credentials and config files go too: their keys were for this stack's S3 only."""
     state = _load_state(stack_dir)
     if state is None:
         return {}
     outcome = {
         name: _stop(entry, timeout) for name, entry in reversed(list(state["processes"].items()))
     }
-    (stack_dir / STATE_FILE).unlink()
+    for name in (CREDENTIALS_FILE, CONFIG_FILE, STATE_FILE):
+        (stack_dir / name).unlink(missing_ok=True)
     return outcome
 
 
@@ -498,11 +615,14 @@ def _print_ready(state: dict[str, Any], stack_dir: Path) -> None:
     print(f"  S3      http://{HOST}:{ports['s3']}  bucket {state['bucket']} (moto, in memory)")
     print(f"  MLflow  http://{HOST}:{ports['mlflow']}")
     print(f"  Ray     http://{HOST}:{ports['dashboard']}  (dashboard; GCS port {ports['gcs']})")
-    print("\n# the environment for this shell:")
+    print(f"  S3 keys {state['credentials_file']} (0600; in no environment, no runtime_env)")
+    print("\n# the environment for this shell (keys exported here would beat the stack's file):")
+    print("unset AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_SESSION_TOKEN AWS_PROFILE")
     for key, value in client_env(state).items():
         print(f"export {key}={shlex.quote(value)}")
     print("\n# `ray job` reads the token from ~/.ray/auth_token because RAY_AUTH_MODE=token;")
     print('# REST calls need: -H "Authorization: Bearer $(cat ~/.ray/auth_token)"')
+    print("# jobs inherit the stack's settings from the head: no --runtime-env-json, no keys")
     print("ray job list")
     print(submit_line(state))
     print(f"\n# stop: python -m deploy.local.stack down --dir {stack_dir}")

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import configparser
+import hashlib
 import json
 import os
+import secrets
 import shlex
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -28,8 +33,12 @@ from deploy.local.stack import (
     _stop,
     client_env,
     free_port,
+    job_env,
+    ray_token,
+    stack_keys,
     submit_line,
     up,
+    write_credentials,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,38 +50,97 @@ def _state(ray_tmpdir: str = "") -> dict:
         "bucket": "gans",
         "ray_tmpdir": ray_tmpdir,
         "processes": {},
+        "credentials_file": "/st/aws-credentials",
+        "config_file": "/st/aws-config",
     }
 
 
+KEY_NAMES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
 def test_client_env_and_submit_line() -> None:
-    assert client_env(_state()) == {
+    # The head's environment (and so every job's): endpoints and the credentials file, no key.
+    settings = {
         "AWS_ENDPOINT_URL": "http://127.0.0.1:9100",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SHARED_CREDENTIALS_FILE": "/st/aws-credentials",
+        "AWS_CONFIG_FILE": "/st/aws-config",
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_EC2_METADATA_DISABLED": "true",
         "MLFLOW_TRACKING_URI": "http://127.0.0.1:5100",
+    }
+    assert job_env(_state()) == settings
+    assert client_env(_state()) == {
+        **settings,
         "RAY_ADDRESS": "http://127.0.0.1:8300",
         "RAY_AUTH_MODE": "token",
     }
     assert client_env(_state("/tmp/rg1"))["RAY_TMPDIR"] == "/tmp/rg1"
+    assert not set(KEY_NAMES) & set(client_env(_state("/tmp/rg1")))
 
+    # No --runtime-env-json: nothing of the stack's travels in the job's metadata.
     words = shlex.split(submit_line(_state("/tmp/rg1")))
-    assert words[:6] == ["ray", "job", "submit", "--working-dir", ".", "--runtime-env-json"]
-    assert words[7:] == [
-        "--",
-        "python",
-        "-m",
-        "services.train",
-        "--config",
-        "ring8",
-        "storage.uri=s3://gans/runs",
+    assert words == [
+        *("ray", "job", "submit", "--working-dir", ".", "--"),
+        *("python", "-m", "services.train", "--config", "ring8", "storage.uri=s3://gans/runs"),
     ]
-    # The job gets the storage and tracking endpoints; Ray's own client settings stay local.
-    job_env = json.loads(words[6])["env_vars"]
-    assert job_env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9100"
-    assert job_env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5100"
-    assert not [key for key in job_env if key.startswith("RAY_")]
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+def test_credentials_file_is_private_from_its_creation(tmp_path: Path) -> None:
+    old = tmp_path / "aws-credentials"
+    old.write_text("old")
+    old.chmod(0o644)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("not ours")
+    (tmp_path / "aws-config").symlink_to(elsewhere)
+    previous = os.umask(0)  # the file's mode must not depend on the caller's umask
+    try:
+        credentials, config = write_credentials(tmp_path, ("AKIDTEST", "s3cr3t/with+chars"))
+    finally:
+        os.umask(previous)
+    # An existing file of a wider mode and a planted symlink are replaced, not written through.
+    assert (_mode(credentials), _mode(config)) == (0o600, 0o600)
+    assert not config.is_symlink() and elsewhere.read_text() == "not ours"
+    ini = configparser.ConfigParser()
+    ini.read(credentials)
+    assert dict(ini["default"]) == {
+        "aws_access_key_id": "AKIDTEST",
+        "aws_secret_access_key": "s3cr3t/with+chars",
+    }
+    assert "region = us-east-1" in config.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "aws-config",
+        "aws-credentials",
+        "elsewhere",
+    ]
+    with pytest.raises(StackError, match="one line"):
+        write_credentials(tmp_path, ("AKIDTEST", "two\nlines"))
+
+
+def test_stack_keys_come_from_the_stack_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("STACK_AWS_ACCESS_KEY_ID", "STACK_AWS_SECRET_ACCESS_KEY", *KEY_NAMES):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "the shell's own")  # not the stack's
+    assert stack_keys() == ("testing", "testing")
+    monkeypatch.setenv("STACK_AWS_ACCESS_KEY_ID", "AKIDPLANTED")
+    with pytest.raises(StackError, match="both"):
+        stack_keys()
+    monkeypatch.setenv("STACK_AWS_SECRET_ACCESS_KEY", "planted")
+    assert stack_keys() == ("AKIDPLANTED", "planted")
+
+
+def test_ray_token_is_created_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    token = ray_token()
+    assert len(token) == 64 and int(token, 16) >= 0
+    assert _mode(tmp_path / ".ray") == 0o700
+    assert _mode(tmp_path / ".ray" / "auth_token") == 0o600
+    assert ray_token() == token  # an existing token is used, not replaced
 
 
 def test_up_refuses_a_busy_port_before_starting_anything(tmp_path: Path) -> None:
@@ -150,6 +218,66 @@ def _get(url: str, token: str | None = None) -> tuple[int, str]:
         return exc.code, ""
 
 
+# What a job's driver and one of its Ray workers see, as one JSON line: the credentials come
+# from the stack's file and no key variable is set. It prints a hash of the secret, never the
+# secret (the test searches the job's logs for it). Both write through boto3 and through
+# raygan's storage (pyarrow's S3FileSystem, as Ray Train's checkpoints do).
+PROBE = """
+import hashlib, json, os
+import boto3, ray
+from gan_core.config import StorageConfig
+from services.storage import open_storage
+
+KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+def look(where):
+    creds = boto3.Session().get_credentials()
+    boto3.client("s3").put_object(Bucket="raygan", Key=f"probe/{where}-boto3.txt", Body=b"b")
+    open_storage(StorageConfig(uri="s3://raygan/probe")).write_bytes(f"{where}-pyarrow.txt", b"p")
+    return {
+        "pid": os.getpid(),
+        "key_vars": [k for k in os.environ if k in KEYS],
+        "credentials_file": os.environ.get("AWS_SHARED_CREDENTIALS_FILE"),
+        "method": creds.method,
+        "access_key": creds.access_key,
+        "secret_sha256": hashlib.sha256(creds.secret_key.encode()).hexdigest(),
+    }
+
+driver = look("driver")
+ray.init()
+worker = ray.get(ray.remote(num_cpus=0)(look).remote("worker"))
+print("PROBE " + json.dumps({"driver": driver, "worker": worker}), flush=True)
+"""
+
+
+def _files_holding(root: Path, needle: bytes) -> list[Path]:
+    """Every regular file under ``root`` (links not followed) whose bytes contain ``needle``."""
+    found = []
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = Path(folder, name)
+            if stat.S_ISREG(path.lstat().st_mode) and needle in path.read_bytes():
+                found.append(path)
+    return sorted(found)
+
+
+def _proc_file(pid: int, name: str) -> bytes:
+    """/proc/PID/NAME, or b"" for a process that has just exited (an idle Ray worker)."""
+    try:
+        return Path(f"/proc/{pid}/{name}").read_bytes()
+    except OSError:
+        return b""
+
+
+def _cmdline(pid: int) -> list[str]:
+    return _proc_file(pid, "cmdline").decode(errors="replace").split("\0")
+
+
+def _environ(pid: int) -> dict[bytes, bytes]:
+    raw = _proc_file(pid, "environ")
+    return dict(item.partition(b"=")[::2] for item in raw.split(b"\0") if item)
+
+
 @pytest.mark.integration
 def test_up_status_down(tmp_path: Path) -> None:
     import boto3
@@ -158,6 +286,18 @@ def test_up_status_down(tmp_path: Path) -> None:
     ray_tmp = tempfile.mkdtemp(prefix="rg", dir="/tmp")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "MLFLOW_"))}
     env.update(HOME=str(tmp_path / "home"), RAY_TMPDIR=ray_tmp, AWS_EC2_METADATA_DISABLED="true")
+    # A recognisable secret key planted as the stack's (moto accepts any): it must end up in the
+    # stack's credentials file and nowhere else. moto records every request it serves (headers
+    # included) so that the test can see which key id signed each one.
+    key_id, secret = f"AKIDRAYGAN{secrets.token_hex(4).upper()}", f"planted-{secrets.token_hex(12)}"
+    recording = tmp_path / "moto-recording.jsonl"
+    up_env = {
+        **env,
+        "STACK_AWS_ACCESS_KEY_ID": key_id,
+        "STACK_AWS_SECRET_ACCESS_KEY": secret,
+        "MOTO_ENABLE_RECORDING": "true",
+        "MOTO_RECORDER_FILEPATH": str(recording),
+    }
     s3, mlflow_port, dashboard = free_port(), free_port(), free_port()
     stack_dir = tmp_path / "stack"
     flags = ["--dir", str(stack_dir)]
@@ -173,25 +313,60 @@ def test_up_status_down(tmp_path: Path) -> None:
                 "--dashboard-port",
                 str(dashboard),
             ],
-            env,
+            up_env,
         )
         assert started.returncode == 0, started.stderr[-3000:]
         out = started.stdout
+        credentials = stack_dir / "aws-credentials"
         assert f"export AWS_ENDPOINT_URL=http://127.0.0.1:{s3}" in out
+        assert f"export AWS_SHARED_CREDENTIALS_FILE={credentials}" in out
         assert f"export MLFLOW_TRACKING_URI=http://127.0.0.1:{mlflow_port}" in out
         assert f"export RAY_ADDRESS=http://127.0.0.1:{dashboard}" in out
         assert f"export RAY_TMPDIR={ray_tmp}" in out
-        assert 'ray job submit --working-dir . --runtime-env-json \'{"env_vars": {' in out
+        # One submit line, without --runtime-env-json: jobs inherit the stack's settings.
+        assert [line for line in out.splitlines() if line.startswith("ray job submit")] == [
+            "ray job submit --working-dir . -- "
+            "python -m services.train --config ring8 storage.uri=s3://raygan/runs"
+        ]
+        assert secret not in out + started.stderr
         state = json.loads((stack_dir / "stack.json").read_text())
         pids = {name: entry["pid"] for name, entry in state["processes"].items()}
         assert sorted(pids) == ["mlflow", "ray", "s3"]
         assert (stack_dir / ".gitignore").read_text() == "*\n"
+        ini = configparser.ConfigParser()
+        ini.read(credentials)
+        assert dict(ini["default"]) == {
+            "aws_access_key_id": key_id,
+            "aws_secret_access_key": secret,
+        }
+        # No process of the head's group (GCS, raylet, dashboard, agents) nor MLflow's server
+        # has a key variable or the secret in its environment; the head, the raylet (whose
+        # environment every job's driver and workers inherit: see the probe) and MLflow's server
+        # (it writes the artifacts to S3) name the credentials file. (Ray processes that set
+        # their process title overwrite the environment /proc shows: no file check for those.)
+        group = [
+            int(p.name)
+            for p in Path("/proc").iterdir()
+            if p.name.isdigit() and (_proc_stat(int(p.name)) or ["", "", ""])[2] == str(pids["ray"])
+        ]
+        named = {
+            Path(_cmdline(pid)[0]).name: pid
+            for pid in group
+            if Path(_cmdline(pid)[0]).name in ("raylet", "gcs_server")
+        }
+        assert sorted(named) == ["gcs_server", "raylet"], [_cmdline(pid)[:2] for pid in group]
+        for pid in [*group, pids["mlflow"]]:
+            environ = _environ(pid)
+            assert not [k for k in KEY_NAMES if k.encode() in environ], pid
+            assert secret.encode() not in b"\0".join(environ.values()), pid
+        for pid in [pids["ray"], *named.values(), pids["mlflow"]]:
+            assert _environ(pid)[b"AWS_SHARED_CREDENTIALS_FILE"] == str(credentials).encode()
 
         s3_client = boto3.client(
             "s3",
             endpoint_url=f"http://127.0.0.1:{s3}",
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
+            aws_access_key_id=key_id,
+            aws_secret_access_key=secret,
             region_name="us-east-1",
         )
         assert s3_client.head_bucket(Bucket="raygan")["ResponseMetadata"]["HTTPStatusCode"] == 200
@@ -202,19 +377,33 @@ def test_up_status_down(tmp_path: Path) -> None:
         assert _get(f"http://127.0.0.1:{dashboard}/api/jobs/", token) == (200, "[]")
         # ... and the `ray job` CLI works with exactly the printed environment.
         ray_env = {**env, "RAY_ADDRESS": f"http://127.0.0.1:{dashboard}", "RAY_AUTH_MODE": "token"}
+        ray_bin = str(Path(sys.executable).parent / "ray")
         listed = subprocess.run(
-            [str(Path(sys.executable).parent / "ray"), "job", "list"],
-            env=ray_env,
-            capture_output=True,
-            text=True,
-            timeout=60,
+            [ray_bin, "job", "list"], env=ray_env, capture_output=True, text=True, timeout=60
         )
         assert listed.returncode == 0, listed.stderr[-2000:]
         _submit_gan_jobs(ray_env, state, s3_client, mlflow_port)
-        # Runs beside the sweep job: two processes that mostly wait on imports and I/O.
+        # Run beside the sweep job: processes that mostly wait on imports and I/O.
         finish_model_checks = _start_model_checks(env, state, mlflow_port, tmp_path)
+        finish_probe = _start_probe(ray_env, state, tmp_path, key_id, secret)
         _submit_sweep_job(ray_env, state, s3_client, mlflow_port, tmp_path)
         finish_model_checks()
+        finish_probe()
+
+        _assert_signed_by(recording, key_id)
+        _assert_secret_nowhere(secret, ray_env, dashboard, token, s3_client, mlflow_port)
+        # Only the credentials file holds the secret (the state file, logs and MLflow database
+        # do not), and every file of the stack is its owner's only.
+        assert _files_holding(stack_dir, secret.encode()) == [credentials]
+        for folder, _, names in os.walk(stack_dir):
+            assert _mode(Path(folder)) == 0o700, folder
+            assert {name: _mode(Path(folder, name)) for name in names} == dict.fromkeys(
+                names, 0o600
+            )
+        assert {"mlflow.db", "aws-config", "stack.json", ".gitignore"} <= set(os.listdir(stack_dir))
+        assert sorted(os.listdir(stack_dir / "logs")) == ["mlflow.log", "ray.log", "s3.log"]
+        home_ray = tmp_path / "home" / ".ray"
+        assert (_mode(home_ray), _mode(home_ray / "auth_token")) == (0o700, 0o600)
 
         shown = _stack(["status", *flags], env)
         assert shown.returncode == 0 and shown.stdout.count(" healthy ") == 3, shown.stdout
@@ -226,12 +415,118 @@ def test_up_status_down(tmp_path: Path) -> None:
         assert [line.split()[0] for line in stopped.stdout.splitlines()] == ["ray", "mlflow", "s3"]
         assert "killed" not in stopped.stdout
         assert not [name for name, pid in pids.items() if _group_alive(pid)]
+        assert not credentials.exists() and not (stack_dir / "aws-config").exists()
         gone = _stack(["status", *flags], env)
         assert gone.returncode == 1 and "no stack recorded" in gone.stdout
+        # Ray's session folder, complete now that the head has stopped: its logs (the job
+        # drivers', the runtime env agent's, the GCS's), events and job metadata. The walk does
+        # read the job logs: the first job's last line is found.
+        assert _files_holding(Path(ray_tmp), secret.encode()) == []
+        assert _files_holding(Path(ray_tmp), b"[raygan] done: 20 steps")
     finally:
         if (stack_dir / "stack.json").exists():
             _stack(["down", *flags], env)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _start_probe(ray_env: dict, state: dict, tmp_path: Path, key_id: str, secret: str) -> Any:
+    """Submit PROBE the printed way; the returned function checks what it saw."""
+    probe = tmp_path / "probe.py"  # the job runs on this machine: an absolute path reaches it
+    probe.write_text(PROBE)
+    job = subprocess.Popen(
+        _submit_args(state, "python", str(probe)),
+        env=ray_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+
+    def finish() -> None:
+        stdout, stderr = job.communicate(timeout=300)
+        assert job.returncode == 0, stdout[-3000:] + stderr[-3000:]
+        (line,) = [x for x in stdout.splitlines() if x.startswith("PROBE ")]
+        seen = json.loads(line[len("PROBE ") :])
+        assert seen["driver"]["pid"] != seen["worker"]["pid"]
+        for where in ("driver", "worker"):
+            assert {k: v for k, v in seen[where].items() if k != "pid"} == {
+                "key_vars": [],
+                "credentials_file": state["credentials_file"],
+                "method": "shared-credentials-file",
+                "access_key": key_id,
+                "secret_sha256": hashlib.sha256(secret.encode()).hexdigest(),
+            }, where
+
+    return finish
+
+
+def _assert_signed_by(recording: Path, key_id: str) -> None:
+    """Every request moto served on the bucket was signed with the stack's key id: Ray Train's
+    checkpoint uploads, raygan's sample and report writes (pyarrow), MLflow's proxied
+    artifacts (boto3 in the server, and the URLs it presigns), the probe's writes from a
+    driver and a Ray worker."""
+    signed: dict[str, list[str]] = {}
+    for line in recording.read_text().splitlines():
+        entry = json.loads(line)
+        url = urllib.parse.urlsplit(entry["url"])
+        if url.path.startswith("/raygan/"):
+            # A signed header, or a presigned URL (MLflow's server hands those out for reads).
+            auth = entry["headers"].get("Authorization", "").partition("Credential=")[2]
+            query = urllib.parse.parse_qs(url.query).get("X-Amz-Credential", [""])[0]
+            signed.setdefault((auth or query).split("/")[0], []).append(url.path)
+    assert list(signed) == [key_id], {k: v[:3] for k, v in signed.items()}
+    paths = signed[key_id]
+    for where in ("driver", "worker"):
+        for client in ("boto3", "pyarrow"):
+            assert f"/raygan/probe/{where}-{client}.txt" in paths
+    for part in ("/checkpoint_", "/samples/step_0000020.png", "/raygan/mlflow/"):
+        assert any(part in p for p in paths), part
+
+
+def _assert_secret_nowhere(
+    secret: str, ray_env: dict, dashboard: int, token: str, s3_client, mlflow_port: int
+) -> None:
+    """The planted secret is in no job's metadata (`ray job list`, the jobs API), no object of
+    the bucket, and no MLflow param or tag."""
+    import mlflow
+
+    listed = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "job", "list"],
+        env=ray_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listed.returncode == 0 and "tuning.sweep" in listed.stdout, listed.stderr[-2000:]
+    assert secret not in listed.stdout + listed.stderr
+    status, body = _get(f"http://127.0.0.1:{dashboard}/api/jobs/", token)
+    jobs = json.loads(body)
+    assert status == 200 and len(jobs) == 4  # two GAN jobs, the sweep, the probe
+    assert secret not in body
+    # Each job's runtime env is the uploaded working dir and nothing else.
+    assert [sorted(job["runtime_env"]) for job in jobs] == [["working_dir"]] * 4
+
+    objects = [
+        o["Key"]
+        for page in s3_client.get_paginator("list_objects_v2").paginate(Bucket="raygan")
+        for o in page.get("Contents", [])
+    ]
+    assert len(objects) > 20
+    holding = [
+        key
+        for key in objects
+        if secret.encode() in s3_client.get_object(Bucket="raygan", Key=key)["Body"].read()
+    ]
+    assert holding == []
+
+    client = mlflow.MlflowClient(f"http://127.0.0.1:{mlflow_port}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) >= 5  # two GAN runs, the sweep's parent and its two trials
+    for run in runs:
+        values = {**run.data.params, **run.data.tags}
+        assert not [k for k, v in values.items() if secret in k or secret in v], run.info.run_id
+    for version in client.search_model_versions(f"name = '{REGISTERED}'"):
+        assert secret not in json.dumps(version.tags)
 
 
 # A ring-8 job small enough for the stack's 2 CPUs, on the stack's S3.
@@ -249,23 +544,13 @@ TINY_JOB = [
 ]
 
 
-def _submit_args(state: dict, module: str, *args: str) -> list[str]:
-    """`ray job submit` of `python -m MODULE ARGS` with the stack's printed runtime env."""
-    job_env = json.loads(shlex.split(submit_line(state))[6])
-    return [
-        str(Path(sys.executable).parent / "ray"),
-        "job",
-        "submit",
-        "--working-dir",
-        str(REPO),
-        "--runtime-env-json",
-        json.dumps(job_env),
-        "--",
-        "python",
-        "-m",
-        module,
-        *args,
-    ]
+def _submit_args(state: dict, *entrypoint: str) -> list[str]:
+    """The printed `ray job submit` line with its entrypoint replaced by ``entrypoint``."""
+    words = shlex.split(submit_line(state))
+    options = words[1 : words.index("--")]
+    assert options == ["job", "submit", "--working-dir", "."], options
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    return [ray_bin, "job", "submit", "--working-dir", str(REPO), "--", *entrypoint]
 
 
 def _submit_gan_jobs(ray_env: dict, state: dict, s3_client, mlflow_port: int) -> None:
@@ -283,6 +568,8 @@ def _submit_gan_jobs(ray_env: dict, state: dict, s3_client, mlflow_port: int) ->
         subprocess.Popen(
             _submit_args(
                 state,
+                "python",
+                "-m",
                 "services.train",
                 "--config",
                 "ring8",
@@ -394,6 +681,8 @@ def _submit_sweep_job(
     done = subprocess.run(
         _submit_args(
             state,
+            "python",
+            "-m",
             "tuning.sweep",
             "--space",
             str(space),
