@@ -254,6 +254,9 @@ class ResourcesConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 2
+    # Seconds a job waits for its workers to be placed (a node lost, a busy cluster) before it
+    # stops with exit status 4; a rerun resumes from the last checkpoint (services/waiting.py).
+    wait_timeout: float = 1800.0
 
 
 @dataclass
@@ -812,6 +815,13 @@ def validate(cfg: GanConfig, source: str = "<config>") -> None:
     _check(r.num_workers >= 1, "resources.num_workers", r.num_workers, ">= 1", source)
     _check(r.cpus_per_worker > 0, "resources.cpus_per_worker", r.cpus_per_worker, "> 0", source)
     _check(r.max_failures >= -1, "resources.max_failures", r.max_failures, ">= -1", source)
+    _check(
+        r.wait_timeout >= 10,
+        "resources.wait_timeout",
+        r.wait_timeout,
+        ">= 10 (seconds a job waits for its workers to be placed)",
+        source,
+    )
     _check(
         5 <= cfg.storage.lease_seconds <= 86400,
         "storage.lease_seconds",

@@ -47,6 +47,12 @@ from services.storage import (
     redact,
     write_failure,
 )
+from services.waiting import (
+    EXIT_NO_RESOURCES,
+    ResourcesUnavailable,
+    ResourceWatch,
+    is_start_timeout,
+)
 from services.worker import (
     DIVERGED_FILE,
     TRACKING_FILE,
@@ -118,11 +124,20 @@ def run_with_ray(cfg: GanConfig, args: argparse.Namespace) -> dict[str, Any]:
         trainer_cls=_interruptible_trainer_class(),
     )
     started, started_at = time.perf_counter(), time.time()
+    wait = cfg.resources.wait_timeout
     try:
-        result = trainer.fit()
-    except (Exception, SystemExit):
+        with ResourceWatch(wait, out=sys.stdout) as watch:
+            result = trainer.fit()
+    except (Exception, SystemExit) as exc:
         if trainer.interrupted:
             raise KeyboardInterrupt from None
+        if isinstance(exc, Exception) and is_start_timeout(exc):
+            waited = watch.situation or f"{cfg.resources.num_workers} workers"
+            raise ResourcesUnavailable(
+                f"{cfg.name}: gave up after resources.wait_timeout={wait:g} s waiting for "
+                f"{waited}; rerun the same command to resume from the last checkpoint once the "
+                f"cluster has them"
+            ) from None
         raise
     if trainer.interrupted:
         raise KeyboardInterrupt
@@ -246,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 finished; 2 a setup to fix (a bad config, data file or storage, a
     checkpoint that cannot be resumed, a write refused for lack of space or quota or on a
     read-only mount: free space or point ``storage.uri`` elsewhere and rerun to resume from the
-    last complete checkpoint); 3 diverged; 130 interrupted."""
+    last complete checkpoint; a run another live job holds); 3 diverged; 4 the workers could not
+    be placed within ``resources.wait_timeout`` (rerun to resume); 130 interrupted."""
     args = parse_args(argv)
     from services.preflight import DataError, preflight
 
@@ -271,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as exc:
         print(f"raygan: cannot resume: {redact(str(exc))}", file=sys.stderr)
         return 2
+    except ResourcesUnavailable as exc:
+        print(f"raygan: {exc}", file=sys.stderr)
+        return EXIT_NO_RESOURCES
     except KeyboardInterrupt:
         if lease.lost:
             print(

@@ -41,13 +41,18 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             **PLANTED_SECRETS,
         }
     )
-    ray.init(
-        num_cpus=2,
-        _node_ip_address="127.0.0.1",
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        _temp_dir=str(root / "t"),
-    )
+    from services.launch import _loopback_node
+
+    # As services.launch.init_ray: without it Ray swaps 127.0.0.1 for the machine's address and
+    # its servers listen on every interface.
+    with _loopback_node():
+        ray.init(
+            num_cpus=2,
+            _node_ip_address="127.0.0.1",
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            _temp_dir=str(root / "t"),
+        )
     try:
         yield root
     finally:
