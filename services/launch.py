@@ -257,6 +257,7 @@ def make_trainer(
     )
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from services.ddp_store import LoopbackTorchConfig, all_nodes_on_loopback
     from services.waiting import quiet_start_timeout_callback, set_start_timeout
     from services.worker import train_loop_per_worker
 
@@ -275,11 +276,19 @@ def make_trainer(
         loop_config["file_data"] = data
     cpus = worker_cpus(cfg, datasets is not None)
     set_start_timeout(r.wait_timeout)
+    backend = "nccl" if r.use_gpu else "gloo"
+    # A cluster all on this machine (the private Ray) meets at a store on 127.0.0.1; torch's
+    # default store listens on every interface (services/ddp_store.py).
+    torch_config = (
+        LoopbackTorchConfig(backend=backend)
+        if all_nodes_on_loopback()
+        else TorchConfig(backend=backend)
+    )
     return (trainer_cls or TorchTrainer)(
         train_loop_per_worker,
         train_loop_config=loop_config,
         # NCCL between GPUs, gloo on CPU (gloo is also what DDP's CPU tests compare against).
-        torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
+        torch_config=torch_config,
         scaling_config=ScalingConfig(
             num_workers=r.num_workers,
             use_gpu=r.use_gpu,

@@ -312,3 +312,49 @@ def test_start_after_a_killed_driver_stops_its_leftovers_only(
         if later is not None:
             later.stop()
         _sweep([killed, *([later] if later else [])], decoys)
+
+
+def test_a_ddp_job_on_the_private_ray_listens_on_loopback_only(
+    ray_root: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    """The Train workers' sockets too: torch's rendezvous store (rank 0) and gloo's pairs. The
+    store listened on every interface before services/ddp_store.py."""
+    root, env = ray_root
+    hold = tmp_path / "hold"
+    hold.write_text("15")  # the workers wait at step 15 while the test looks
+    job_env = {**env, "RAYGAN_HOLD_FILE": str(hold), "PYTHONUNBUFFERED": "1"}
+    tiny = ["generators.width=32", "discriminator.width=32", "train.batch_size=32"]
+    tiny += ["eval.every=10", "eval.samples=200", "tracking.enabled=false", "train.steps=20"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.train", "--config", "ring8", *tiny]
+        + [f"storage.uri={tmp_path / 'runs'}", "resources.num_workers=2", "name=lb"],
+        cwd=REPO,
+        env=job_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    procs: dict[int, int] = {}
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "[raygan] step 10/" in line:
+                break
+        time.sleep(2)  # both ranks are at the hold by now
+        procs = _descendants(proc.pid)
+        sockets = _sockets([proc.pid, *procs])
+        workers = [s for s in sockets if "RayTrainWorker" in s[0]]
+        assert workers, sockets  # the store (rank 0) and gloo listen in the Train workers
+        exposed = [s for s in sockets if not _loopback(s[2])]
+        assert not exposed, f"listening beyond loopback: {exposed}"
+        hold.unlink()
+        rest, _ = proc.communicate(timeout=180)
+        assert proc.returncode == 0, rest[-3000:]
+        assert "[raygan] done: 20 steps" in rest
+    finally:
+        hold.unlink(missing_ok=True)
+        proc.kill()
+        proc.wait()
+        for pid, start in procs.items():
+            if _running(pid, start):
+                os.kill(pid, signal.SIGKILL)
