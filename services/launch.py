@@ -206,6 +206,14 @@ def for_workers(cfg: GanConfig) -> GanConfig:
     return dataclasses.replace(cfg, storage=storage, data=data, tracking=tracking)
 
 
+def worker_threads(cfg: GanConfig) -> int:
+    """Torch threads for a process that trains ``cfg`` outside a Ray Train worker (the local
+    backend, an in-process Tune trial): what Ray gives a worker (OMP_NUM_THREADS = its whole
+    CPUs, at least 1) unless ``train.threads`` says otherwise. Another thread count sums in
+    another order, and the backends would drift apart."""
+    return cfg.train.threads or max(1, int(cfg.resources.cpus_per_worker))
+
+
 def worker_cpus(cfg: GanConfig, streams_files: bool) -> float:
     """CPUs each Train worker asks for. Ray Train reserves its workers' CPUs before Ray Data
     sees the cluster; workers that take every CPU leave Ray Data's read and decode tasks none,

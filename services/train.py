@@ -167,14 +167,13 @@ def run_local(
     Torch runs on as many threads as a Ray worker of the config would (Ray sets a worker's
     OMP_NUM_THREADS to its whole CPUs, at least 1), unless ``train.threads`` says otherwise:
     another thread count sums in another order, and the two backends would drift apart."""
-    from services.launch import for_workers
+    from services.launch import for_workers, worker_threads
 
     # The default MLflow store spelled out as for Ray's workers (<storage>/mlflow.db, where the
     # summary and the model log look), not derived from the run's own folder by the Tracker.
     cfg = for_workers(cfg)
     threads = torch.get_num_threads()
-    if cfg.train.threads == 0:
-        torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
+    torch.set_num_threads(worker_threads(cfg))
     try:
         return _run_local(cfg, args, data)
     finally:

@@ -40,7 +40,7 @@ def run_in_process(
     """Train ``cfg`` (a trial's config) here, reporting every evaluation to Tune; ``start`` is
     the Tune checkpoint to begin from (None: from scratch). Raises RuntimeError with the reason
     when the run diverges, so the trial errors with it, as a Train trial does."""
-    from services.launch import for_workers
+    from services.launch import for_workers, worker_threads
     from services.worker import DIVERGED_FILE, WorkerSession, ended_status, test_hooks
 
     if quiet:
@@ -54,8 +54,7 @@ def run_in_process(
         from services.preflight import open_data
 
         data = open_data(cfg, check=False)  # checked by the sweep's plan
-    # As many threads as the trial has CPUs (what Ray gives a Train worker), unless set.
-    torch.set_num_threads(cfg.train.threads or max(1, int(cfg.resources.cpus_per_worker)))
+    torch.set_num_threads(worker_threads(cfg))
     session = WorkerSession(cfg, rank=0, world_size=1, device="cpu", quiet=quiet, data=data)
     diverged = f"{cfg.name}/{DIVERGED_FILE}"
     if session.storage.exists(diverged):
