@@ -44,8 +44,8 @@ from mlflow.exceptions import MlflowException
 
 from gan_core.config import GanConfig, checkpoint_metric
 from services.checkpoints import (
-    CHECKPOINT_FILES,
     checkpoint_folders,
+    download_complete,
     incomplete_reason,
     listed_complete,
     meta_score,
@@ -239,9 +239,13 @@ def register(tracking_uri: str, name: str, logged: LoggedGenerator, run_name: st
     return str(version.version)
 
 
-def best_checkpoint(storage: Storage, name: str, metric: str, mode: str) -> str | None:
+def best_checkpoint(
+    storage: Storage, name: str, metric: str, mode: str, dest: Path | None = None
+) -> str | None:
     """The folder (relative to ``storage``) of run ``name``'s best complete checkpoint by
     ``metric`` (``mode`` max or min), the later step winning a tie; None if it has none.
+    With ``dest`` (an empty local folder) the chosen folder's files are left there: each file
+    is read from storage once, for the check and the use alike.
 
     Looks where both backends write: Ray Train's ``<name>/checkpoint_*`` folders and the local
     backend's ``<name>/local_checkpoints/*``. A folder without the metric is skipped, and so
@@ -262,7 +266,12 @@ def best_checkpoint(storage: Storage, name: str, metric: str, mode: str) -> str 
             ranked.append((sign * score, int(meta.get("step", 0)), folder))
     for _, _, folder in sorted(ranked, reverse=True):
         prefix = f"{name}/{folder}"
-        if not incomplete_reason(
+        if dest is not None:
+            for stale in dest.iterdir():  # a skipped folder's copy
+                stale.unlink()
+            if download_complete(storage, prefix, folders[folder], dest):
+                return prefix
+        elif not incomplete_reason(
             f"{storage.uri}/{prefix}", folders[folder], _reader(storage, prefix)
         ):
             return prefix
@@ -271,14 +280,6 @@ def best_checkpoint(storage: Storage, name: str, metric: str, mode: str) -> str 
 
 def _reader(storage: Storage, folder: str) -> Callable[[str], bytes]:
     return lambda file: storage.read_bytes(f"{folder}/{file}")
-
-
-def download(storage: Storage, folder: str, dest: Path) -> Path:
-    """Copy a checkpoint folder's three files from ``storage`` into local ``dest``."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for file in CHECKPOINT_FILES:
-        (dest / file).write_bytes(storage.read_bytes(f"{folder}/{file}"))
-    return dest
 
 
 def log_checkpoint(
@@ -305,10 +306,10 @@ def log_checkpoint(
     )
 
 
-def _stored_run_id(storage: Storage, folder: str) -> str | None:
+def _stored_run_id(folder: Path) -> str | None:
     """The MLflow run a checkpoint folder names in its ``tracking.json`` (services.worker)."""
     try:
-        return json.loads(storage.read_bytes(f"{folder}/tracking.json")).get("run_id")
+        return json.loads((folder / "tracking.json").read_text()).get("run_id")
     except (FileNotFoundError, ValueError, AttributeError):
         return None
 
@@ -326,21 +327,21 @@ def log_run_generator(
     try:
         storage = open_storage(cfg.storage)
         metric, mode = checkpoint_metric(cfg)
-        folder = best_checkpoint(storage, cfg.name, metric, mode)
-        if folder is None:
-            logger.warning(
-                "run %s has no complete checkpoint with %r in %s: no MLflow model logged",
-                cfg.name,
-                metric,
-                storage.uri,
-            )
-            return None
-        run_id = run_id or _stored_run_id(storage, folder)
-        if not run_id:
-            logger.warning("%s/%s names no MLflow run: no model logged", storage.uri, folder)
-            return None
         with tempfile.TemporaryDirectory(prefix="raygan-model-") as tmp:
-            local = download(storage, folder, Path(tmp) / "checkpoint")
+            local = Path(tmp)
+            folder = best_checkpoint(storage, cfg.name, metric, mode, dest=local)
+            if folder is None:
+                logger.warning(
+                    "run %s has no complete checkpoint with %r in %s: no MLflow model logged",
+                    cfg.name,
+                    metric,
+                    storage.uri,
+                )
+                return None
+            run_id = run_id or _stored_run_id(local)
+            if not run_id:
+                logger.warning("%s/%s names no MLflow run: no model logged", storage.uri, folder)
+                return None
             logged = log_checkpoint(
                 local,
                 run_id,

@@ -207,6 +207,13 @@ def test_best_checkpoint_and_the_sample_picker_skip_it(
     # By modes (2.0 and 4.0) and by step the cut-short folder would win.
     assert best_checkpoint(store, NAME, "modes", "max") == f"{NAME}/checkpoint_000000"
     assert best_checkpoint(store, NAME, "step", "max") == f"{NAME}/checkpoint_000000"
+    # Copying while checking (the model log): the skipped folder's files do not stay behind.
+    dest = tmp_path / "copy"
+    dest.mkdir()
+    assert best_checkpoint(store, NAME, "step", "max", dest=dest) == f"{NAME}/checkpoint_000000"
+    good = root / NAME / "checkpoint_000000"
+    assert sorted(p.name for p in dest.iterdir()) == sorted(p.name for p in good.iterdir())
+    assert all((dest / p.name).read_bytes() == p.read_bytes() for p in good.iterdir())
     run = root / NAME
     for how in ("latest", "best"):
         folder, chosen = sample._local_checkpoint(str(run), how)
