@@ -18,6 +18,7 @@ import logging
 import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,10 @@ def run_with_ray(cfg: GanConfig, args: argparse.Namespace) -> dict[str, Any]:
     )
     started, started_at = time.perf_counter(), time.time()
     wait = cfg.resources.wait_timeout
+    # fit() installs Ray's SIGINT handler (aborting this run's controller) and leaves it: a
+    # later Ctrl+C in the same process (a notebook, a test session) would call into a dead run.
+    main_thread = threading.current_thread() is threading.main_thread()
+    sigint = signal.getsignal(signal.SIGINT) if main_thread else None
     try:
         with ResourceWatch(wait, out=sys.stdout) as watch:
             result = trainer.fit()
@@ -139,6 +144,9 @@ def run_with_ray(cfg: GanConfig, args: argparse.Namespace) -> dict[str, Any]:
                 f"cluster has them"
             ) from None
         raise
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, sigint)
     if trainer.interrupted:
         raise KeyboardInterrupt
     wall = time.perf_counter() - started

@@ -361,7 +361,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if config.get("scan_storage") and session.start_step >= cfg.train.steps:
         # Resumed at or past its budget (say from a checkpoint Ray had not registered yet):
         # nothing to train. Reported, or Ray's result would carry its registered checkpoint's
-        # older step and the summary would say the run ended there.
+        # older step and the summary would say the run ended there (a worker group restarted
+        # after a failure can find a newer complete folder in storage than Ray registered).
         if rank == 0:
             sys.stdout.write(
                 f"[raygan] {cfg.name} is at step {session.start_step} already "
@@ -370,7 +371,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             sys.stdout.flush()
         session.finish("FINISHED")  # its MLflow run, left RUNNING or KILLED by a stopped job
         payload = {**session.restored_metrics, "step": float(session.start_step)}
-        ray.train.report(payload, checkpoint=None)
+        if rank == 0:
+            # Re-registered with Ray: fit()'s result carries the latest registered checkpoint's
+            # metrics, and a report without one would not change them.
+            with tempfile.TemporaryDirectory() as tmp:
+                session.write_checkpoint(tmp, payload)
+                ray.train.report(payload, checkpoint=Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(payload, checkpoint=None)
         return
     on_step = test_hooks(rank)
 

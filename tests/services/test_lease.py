@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -107,6 +108,8 @@ def test_another_machines_holder_is_stale_only_after_its_timeout_and_force_takes
 def test_the_holder_renews_and_stops_its_job_when_taken_over(tmp_path: Path) -> None:
     storage, _ = _local(tmp_path)
     path = tmp_path / "runs" / "r" / LEASE_FILE
+    # The holder stops its job as Ctrl+C would, through the SIGINT handler: Python's own here.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     lease = acquire(storage, "r", "services.train", 5)  # renewed every 1.25 s
     try:
         first = json.loads(path.read_text())["renewed_at"]
@@ -119,6 +122,7 @@ def test_the_holder_renews_and_stops_its_job_when_taken_over(tmp_path: Path) -> 
         assert lease.lost
     finally:
         lease.release()
+        signal.signal(signal.SIGINT, previous)
     assert path.exists()  # a lost lease is the new holder's: the old one leaves it alone
 
 

@@ -221,7 +221,7 @@ def test_a_lost_node_is_waited_for_said_once_and_resumed_or_given_up(
         hold.unlink(missing_ok=True)
     output = "".join(lines) + rest
     assert job.returncode == 0, output[-4000:]
-    assert json.loads(summary.read_text())["steps"] == 60
+    assert json.loads(summary.read_text())["steps"] == 60, output[-6000:]
     assert output.count("[raygan] waiting since") == 1
     # Ray's own retry loop (a traceback every 60 s) is gone: no startup-timeout traceback.
     assert "WorkerGroupStartupTimeoutError" not in output

@@ -379,10 +379,13 @@ def test_sigint_stops_the_driver_cleanly_and_a_rerun_resumes(
     assert left.stdout.strip() == "", f"leftover Ray processes: {left.stdout}"
 
     summary = tmp_path / "s.json"
+    handler = signal.getsignal(signal.SIGINT)
     assert (
         train.main(["--config", "ring8", *common, "train.steps=50", "--summary-json", str(summary)])
         == 0
     )
+    # Ray's fit() installs a SIGINT handler for its run; the job puts the caller's back.
+    assert signal.getsignal(signal.SIGINT) is handler
     out = _worker_output(ray_cluster, "resumed interrupted at step")
     resumed = [line for line in out.splitlines() if "resumed interrupted at step" in line]
     # The step-20 checkpoint was uploaded before the step-30 line was printed; Ray may not
