@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services import ray_procs
 from services.storage import Storage, StorageError, _endpoint, _parse_s3
 
 log = logging.getLogger("raygan")
@@ -50,34 +51,12 @@ def _boot_id() -> str:
         return ""
 
 
-def process_start(pid: int) -> str | None:
-    """The start time of ``pid`` in clock ticks since boot (field 22 of /proc/PID/stat), which
-    tells a live holder from a new process that reused its PID; None when there is no such
-    process (or no /proc)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) is in parentheses and may hold spaces: split after it.
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
 def holder_alive(holder: dict[str, Any], timeout_s: float, now: float | None = None) -> bool:
     """Whether the job that wrote ``holder`` (a lease's content) is presumed alive."""
     now = time.time() if now is None else now
     if holder.get("host") == socket.gethostname() and holder.get("boot_id") == _boot_id():
         # Same machine and boot: the process table knows, no need to wait for a timeout.
-        pid = int(holder.get("pid", 0))
-        if not Path("/proc/self/stat").exists():  # no /proc (macOS): the PID alone
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:
-                return True
-            return True
-        start = process_start(pid)
-        return start is not None and start == holder.get("pid_start")
+        return ray_procs.process_alive(int(holder.get("pid", 0)), holder.get("pid_start"))
     return now - float(holder.get("renewed_at", 0)) <= timeout_s
 
 
@@ -318,7 +297,7 @@ def acquire(
         "host": socket.gethostname(),
         "boot_id": _boot_id(),
         "pid": pid,
-        "pid_start": process_start(pid),
+        "pid_start": ray_procs.start_time(pid),
         "started_at": now,
         "renewed_at": now,
         "timeout_s": timeout_s,

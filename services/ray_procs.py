@@ -45,8 +45,7 @@ class Owner:
     start: int
 
     def alive(self) -> bool:
-        stat = _stat(self.pid)
-        return stat is not None and stat[1] == self.start and stat[0] != "Z"
+        return process_alive(self.pid, self.start)
 
 
 @dataclass(frozen=True)
@@ -87,6 +86,22 @@ def _stat(pid: int) -> tuple[str, int] | None:
 def start_time(pid: int) -> int | None:
     stat = _stat(pid)
     return None if stat is None else stat[1]
+
+
+def process_alive(pid: int, start: int | None) -> bool:
+    """Whether ``pid`` runs (not a zombie) and, with ``start`` (from ``start_time``), is the
+    process that started then: a reused pid has another start time. Without /proc (macOS),
+    only whether the pid exists."""
+    if not (PROC / "self" / "stat").exists():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    stat = _stat(pid)
+    return stat is not None and stat[0] != "Z" and (start is None or stat[1] == start)
 
 
 def temp_root() -> str:

@@ -19,10 +19,9 @@ from gan_core.config import StorageConfig
 from services import train
 from services.lease import LEASE_FILE, LeaseHeld, acquire, acquire_for, holder_alive
 from services.storage import open_storage
+from tests.services.test_reliability import spawn_train
 from tests.services.test_train_integration import TINY
 from tuning import sweep
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _local(tmp_path: Path) -> tuple:
@@ -41,7 +40,7 @@ def _other_holder(path: Path, renewed_ago: float, host: str = "elsewhere") -> No
                 "host": host,
                 "boot_id": "b",
                 "pid": 4242,
-                "pid_start": "1",
+                "pid_start": 1,
                 "started_at": now - 600,
                 "renewed_at": now - renewed_ago,
             }
@@ -80,7 +79,7 @@ def test_a_dead_holder_on_this_machine_is_taken_over_at_once(
     path.write_text(json.dumps({**held, "pid": dead.pid}))
     assert not holder_alive({**held, "pid": dead.pid}, timeout_s=3600)
     # Our own PID with another start time: a new process that reused a dead holder's PID.
-    assert not holder_alive({**held, "pid_start": "0"}, timeout_s=3600)
+    assert not holder_alive({**held, "pid_start": 0}, timeout_s=3600)
     assert holder_alive(held, timeout_s=3600)
     with caplog.at_level(logging.WARNING, logger="raygan"):
         taken = acquire_for(storage, cfg, "r", "services.train", force=False)
@@ -163,22 +162,7 @@ def test_a_twin_train_job_is_refused_and_a_rerun_after_a_sigkill_resumes(
         f"storage.uri={runs}",
         "name=twin",
     ]
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "services.train",
-            "--config",
-            "ring8",
-            *common,
-            "train.steps=100000",
-        ],
-        cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = spawn_train([*common, "train.steps=100000"], {**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
