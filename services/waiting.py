@@ -66,7 +66,6 @@ class ResourceWatch:
         self.out = out or sys.stdout
         self.poll_s = poll_s
         self.announce_after_s = announce_after_s
-        self.lines: list[str] = []
         self.situation = ""  # what it waited for when last announced
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -82,7 +81,6 @@ class ResourceWatch:
             self._thread.join(timeout=10)
 
     def _say(self, line: str) -> None:
-        self.lines.append(line)
         self.out.write(line + "\n")
         self.out.flush()
 

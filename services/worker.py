@@ -98,13 +98,10 @@ class WorkerSession:
         # the run keeps its own weights (torch's strict load would copy those that fit first).
         restore_run(folder, state, self.run)
         self.start_step = self.run.model.step
-        try:
-            # The evaluation the checkpoint was written at: what a run that has nothing left
-            # to train reports (meta.json's "metrics"; None for values that were not finite).
-            meta = json.loads((Path(folder) / META_FILE).read_text()).get("metrics") or {}
-            self.restored_metrics = {k: v for k, v in meta.items() if v is not None}
-        except (OSError, ValueError, AttributeError):
-            self.restored_metrics = {}
+        # The evaluation the checkpoint was written at, what a run with nothing left to train
+        # reports: meta.json's "metrics" (load_checkpoint checked the file; None = not finite).
+        meta = json.loads((Path(folder) / META_FILE).read_text()).get("metrics") or {}
+        self.restored_metrics = {k: v for k, v in meta.items() if v is not None}
         tracking = Path(folder) / TRACKING_FILE
         if tracking.is_file():
             self.mlflow_run_id = json.loads(tracking.read_text()).get("run_id")
@@ -358,6 +355,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         session.dedupe_replayed_steps = False
     _wrap_for_ddp(session)
     session.start_tracking()
+
+    def report(payload: dict[str, float], with_checkpoint: bool) -> None:
+        # Rank 0 alone writes the checkpoint; every rank reports, so Ray pairs the reports.
+        if with_checkpoint and rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                session.write_checkpoint(tmp, payload)
+                ray.train.report(payload, checkpoint=Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(payload, checkpoint=None)
+
     if config.get("scan_storage") and session.start_step >= cfg.train.steps:
         # Resumed at or past its budget (say from a checkpoint Ray had not registered yet):
         # nothing to train. Reported, or Ray's result would carry its registered checkpoint's
@@ -370,27 +377,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
             sys.stdout.flush()
         session.finish("FINISHED")  # its MLflow run, left RUNNING or KILLED by a stopped job
-        payload = {**session.restored_metrics, "step": float(session.start_step)}
-        if rank == 0:
-            # Re-registered with Ray: fit()'s result carries the latest registered checkpoint's
-            # metrics, and a report without one would not change them.
-            with tempfile.TemporaryDirectory() as tmp:
-                session.write_checkpoint(tmp, payload)
-                ray.train.report(payload, checkpoint=Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(payload, checkpoint=None)
+        # Re-registered with Ray: fit()'s result carries the latest registered checkpoint's
+        # metrics, and a report without one would not change them.
+        report({**session.restored_metrics, "step": float(session.start_step)}, True)
         return
     on_step = test_hooks(rank)
 
     def on_eval(run: GanRun, metrics: dict[str, float]) -> None:
         payload = session.eval_payload(metrics)
         session.write_outputs(payload)
-        if session.checkpoint_due() and rank == 0:
-            with tempfile.TemporaryDirectory() as tmp:
-                session.write_checkpoint(tmp, payload)
-                ray.train.report(payload, checkpoint=Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(payload, checkpoint=None)
+        report(payload, session.checkpoint_due())
 
     hooks = LoopHooks(on_step=on_step, on_eval=on_eval, on_rollback=session.on_rollback)
     try:

@@ -60,6 +60,19 @@ def _wait_for(path: Path, timeout: float = 900.0) -> bool:
     return False
 
 
+def spawn_train(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    """``python -m services.train --config ring8 ARGS`` from the repository, stdout and stderr
+    together as text on ``proc.stdout``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.train", "--config", "ring8", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 def _worker_output(ray_root: Path, needle: str, timeout: float = 30.0) -> str:
     """Lines of the Ray workers' stdout files holding ``needle``. Read from the session's log
     files, not the driver's console: Ray forwards worker output asynchronously, so a line may
@@ -343,22 +356,7 @@ def test_sigint_stops_the_driver_cleanly_and_a_rerun_resumes(
     env.pop("RAY_ADDRESS", None)
     common = [*TINY, f"storage.uri={runs}", "tracking.enabled=false", "name=interrupted"]
     common += ["resources.num_workers=1"]
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "services.train",
-            "--config",
-            "ring8",
-            *common,
-            "train.steps=100000",
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = spawn_train([*common, "train.steps=100000"], env)
     lines: list[str] = []
     assert proc.stdout is not None
     for line in proc.stdout:
