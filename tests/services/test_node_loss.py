@@ -194,8 +194,9 @@ def test_a_lost_node_is_waited_for_said_once_and_resumed_or_given_up(
 ) -> None:
     runs = tmp_path / "runs"
     summary = tmp_path / "s.json"
-    # The worker waits at step 25 (services.worker.hold_gate) until the node is gone: the run
-    # cannot finish before the fault, however fast this machine is.
+    # The workers wait at step 25 (services.worker.hold_gate) until raygan says it waits for
+    # the lost node: a worker whose raylet was killed runs on until Ray declares its node dead,
+    # and without the hold the two could finish the run before that (seen here).
     hold = tmp_path / "hold"
     hold.write_text("25")
     cluster.env["RAYGAN_HOLD_FILE"] = str(hold)
@@ -205,9 +206,9 @@ def test_a_lost_node_is_waited_for_said_once_and_resumed_or_given_up(
         _read_until(job, "[raygan] step 20/", lines, timeout=180)
         raylets = cluster.raylets()
         assert len(raylets) == 2, raylets
-        os.kill(raylets[-1], signal.SIGKILL)  # the second node's raylet: its worker goes too
-        hold.unlink()
+        os.kill(raylets[-1], signal.SIGKILL)  # the second node's raylet
         _read_until(job, "[raygan] waiting since", lines, timeout=120)
+        hold.unlink()  # the restarted workers resume from step 20 and pass 25
         waiting = lines[-1]
         assert "for 2 workers (CPU 2 in all)" in waiting
         assert "free of CPU 1 on 1 node(s), 1 node(s) lost" in waiting
