@@ -307,6 +307,23 @@ def shared_noise(
     return noise.to(device)
 
 
+def mix_bank(cfg: GanConfig, fake: Tensor, rng: torch.Generator) -> Tensor:
+    """The flat fake batch in a random order when a generator bank meets a packed D, else as is.
+
+    The batch is generator-major (``sample_noise``) and ``pack_samples`` packs neighbours, so
+    unmixed a fake pack holds samples of ONE head, while a real pack holds independent draws of
+    the data. A packed D then tells a perfect one-head-per-mode bank from the data by the packs
+    alone (both samples always in one mode), so "each head takes one mode" would not be an
+    equilibrium. Permuted, a fake pack is a draw from the mixture of heads, like a real pack.
+    The permutation comes from the step's stream only in that case: every other config draws
+    exactly the numbers it drew before. (MAD-GAN, whose D names each pack's generator, refuses
+    packing in the config.)"""
+    if cfg.generators.count == 1 or cfg.discriminator.pack == 1:
+        return fake
+    order = torch.randperm(fake.shape[0], generator=rng).to(fake.device)
+    return fake[order]
+
+
 def _d_outputs(d: Critic, x: Tensor, pack: int, groups: int) -> Tensor | tuple[Tensor, Tensor]:
     return d(pack_samples(x, pack), groups=groups)
 
@@ -514,6 +531,7 @@ def train_step(
         real = _nhwc(model, next_real())
         with torch.no_grad():
             fake = G_amp(sample_noise(model, batch, rng, device)).reshape(batch, *model.data_shape)
+            fake = mix_bank(cfg, fake, rng)
         d_loss, d_logs = discriminator_loss(
             cfg,
             D_amp,
@@ -554,7 +572,7 @@ def train_step(
             fake_grouped, same_grouped = out[:, :m], out[:, m:]
         else:
             fake_grouped = G_amp(z)
-        fake = fake_grouped.reshape(batch, *model.data_shape)
+        fake = mix_bank(cfg, fake_grouped.reshape(batch, *model.data_shape), rng)
 
         critic: Critic = model.amp(d_inner)
         if cfg.unroll.steps > 0:
