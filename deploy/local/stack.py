@@ -52,6 +52,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.ray_procs import process_alive, start_time
+
 HOST = "127.0.0.1"
 STATE_FILE = "stack.json"
 # An AWS shared credentials file (INI) and an AWS config file, both read by boto3 (MLflow) and by
@@ -169,28 +171,17 @@ def _proc_stat(pid: int) -> list[str] | None:
     return text.rsplit(")", 1)[1].split()  # the command name (field 2) may hold spaces
 
 
-def _start_time(pid: int) -> str | None:
-    """Field 22 of /proc/PID/stat: with the pid, it names one process for its whole life."""
-    stat = _proc_stat(pid)
-    return stat[19] if stat else None
-
-
 def _has_proc() -> bool:
     return Path("/proc/self/stat").exists()
 
 
-def _is_ours(pid: int, start: str | None) -> bool:
-    """Whether the process we started as ``pid`` still runs (and its pid was not reused)."""
-    if _has_proc():
-        stat = _proc_stat(pid)
-        return stat is not None and stat[0] not in "ZX" and (start is None or stat[19] == start)
-    try:  # no /proc (macOS): a liveness probe without the reuse check
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _running(entry: dict[str, Any]) -> bool:
+    """Whether the process recorded in ``entry`` (by ``_spawn``) still runs and its pid was not
+    reused (without /proc, as on macOS, only whether the pid exists)."""
+    start = entry.get("start")
+    # The state file holds the start time as a string (as it always has: a state.json written
+    # by an older stack.py stays readable), ray_procs compares ints.
+    return process_alive(entry["pid"], None if start is None else int(start))
 
 
 def _group_alive(pgid: int) -> bool:
@@ -235,7 +226,13 @@ def _spawn(name: str, cmd: list[str], env: dict[str, str], logs: Path) -> dict[s
             start_new_session=True,
             umask=SERVICE_UMASK,
         )
-    return {"pid": proc.pid, "start": _start_time(proc.pid), "cmd": cmd, "log": str(log)}
+    start = start_time(proc.pid)
+    return {
+        "pid": proc.pid,
+        "start": None if start is None else str(start),
+        "cmd": cmd,
+        "log": str(log),
+    }
 
 
 def _stop(entry: dict[str, Any], timeout: float) -> str:
@@ -246,9 +243,8 @@ def _stop(entry: dict[str, Any], timeout: float) -> str:
     left after half the timeout gets SIGTERM, and SIGKILL at the end.
     """
     pid = entry["pid"]
-    if not _is_ours(pid, entry.get("start")):
-        stat = _proc_stat(pid)
-        if stat is not None and stat[0] not in "ZX":
+    if not _running(entry):
+        if process_alive(pid, None):
             # The pid now names another process, so our group, which had the same id, is gone.
             return "not running (its pid is reused)"
         if not _group_alive(pid):
@@ -501,7 +497,7 @@ def up(
     $STACK_AWS_ACCESS_KEY_ID / $STACK_AWS_SECRET_ACCESS_KEY, else moto's dummy pair."""
     keys = keys or stack_keys()
     state = _load_state(stack_dir)
-    if state and any(_is_ours(p["pid"], p.get("start")) for p in state["processes"].values()):
+    if state and any(_running(p) for p in state["processes"].values()):
         raise StackError(
             f"a stack recorded in {stack_dir / STATE_FILE} is still running: run "
             f"`python -m deploy.local.stack down --dir {stack_dir}` first"
@@ -564,7 +560,7 @@ def _wait_healthy(state: dict[str, Any], keys: tuple[str, str], timeout: float) 
                 if name == "s3":
                     _create_bucket(state, keys)
                 waiting.remove(name)
-            elif not _is_ours(entry["pid"], entry.get("start")):
+            elif not _running(entry):
                 raise StackError(
                     f"{name} exited during start-up; end of {entry['log']}:\n{_tail(entry['log'])}"
                 )
@@ -601,7 +597,7 @@ def status(stack_dir: Path) -> dict[str, dict[str, Any]]:
     return {
         name: {
             "pid": entry["pid"],
-            "running": _is_ours(entry["pid"], entry.get("start")),
+            "running": _running(entry),
             "healthy": _healthy(name, state),
             "log": entry["log"],
         }

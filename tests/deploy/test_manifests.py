@@ -1,12 +1,12 @@
 """deploy/: every manifest, cluster config, the Dockerfile and the README checked offline.
 
-No Kubernetes client, cluster, registry or AWS account is used. KubeRay objects are checked
-against a strict hand-made JSON schema of the ``ray.io/v1`` fields used here (field names as in
-KubeRay's ``ray-operator/apis/ray/v1`` types: RayClusterSpec, HeadGroupSpec, WorkerGroupSpec,
-RayJobSpec; pod fields as in Kubernetes' core/v1), so a typo'd field fails. ``cluster.yaml`` is
-checked by Ray's own ``ray-schema.json`` through ``prepare_config`` + ``validate_config``. Every
-``python -m`` command shown anywhere under deploy/ is parsed by the module's own argument parser
-and its config loaded (a sweep's whole grid validated), as the real command would.
+No Kubernetes client, cluster, registry or AWS account is used. KubeRay objects (their pod
+templates included) are validated with jsonschema against the ``openAPIV3Schema`` of KubeRay's
+own published CRDs (vendored under ``kuberay_schema/``), closed so that an unknown field, a typo,
+fails. ``cluster.yaml`` is checked by Ray's own ``ray-schema.json`` through ``prepare_config`` +
+``validate_config``. Every ``python -m`` command shown anywhere under deploy/ is parsed by the
+module's own argument parser and its config loaded (a sweep's whole grid validated), as the real
+command would. The rest are raygan's rules, which no schema states.
 
 Each check is a function returning a list of problems; the positive tests want none, the
 negative tests break a copy of a real manifest and want the check to notice.
@@ -15,7 +15,10 @@ negative tests break a copy of a real manifest and want the check to notice.
 from __future__ import annotations
 
 import copy
+import functools
+import gzip
 import importlib.util
+import json
 import re
 import shlex
 import sys
@@ -78,280 +81,82 @@ PY_TAG = f"py{sys.version_info.major}{sys.version_info.minor}"
 RAY_GPU_IMAGE = f"rayproject/ray:{RAY_VERSION}-{PY_TAG}-gpu"
 
 
-# ---------------------------------------------------------------- the schema (KubeRay ray.io/v1)
+# ---------------------------------------------------------------- the schema (KubeRay's own CRDs)
 
-
-def strict(properties: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
-    """An object with exactly these fields (any other name, e.g. a typo, is an error)."""
-    return {
-        "type": "object",
-        "properties": properties,
-        "required": list(required),
-        "additionalProperties": False,
-    }
-
-
-def ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/$defs/{name}"}
-
-
-def array(items: dict[str, Any], min_items: int = 0) -> dict[str, Any]:
-    return {"type": "array", "items": items, "minItems": min_items}
-
-
-STRING = {"type": "string"}
-NONEMPTY = {"type": "string", "minLength": 1}
-BOOL = {"type": "boolean"}
-COUNT = {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}
-POSITIVE = {"type": "integer", "minimum": 1, "maximum": 2**31 - 1}
-STRING_MAP = {"type": "object", "additionalProperties": STRING}
-DNS_NAME = {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63}
-ENV_NAME = {"type": "string", "pattern": r"^[A-Za-z_][A-Za-z0-9_]*$"}
-QUANTITY = {
-    "anyOf": [
-        {"type": "integer", "minimum": 0},
-        {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"},
-    ]
+# The openAPIV3Schema of KubeRay's published ray.io/v1 CRDs (release v1.7.0, the version
+# deploy/README.md installs), extracted by kuberay_schema/extract.py; see kuberay_schema/README.md.
+SCHEMA_DIR = Path(__file__).resolve().parent / "kuberay_schema"
+CRD_KINDS = {("ray.io/v1", "RayCluster"), ("ray.io/v1", "RayJob")}
+# config.yaml's core/v1 objects: no CRD describes them; their few top-level fields are listed.
+CORE_FIELDS = {
+    "ConfigMap": {"apiVersion", "kind", "metadata", "data"},
+    "ServiceAccount": {"apiVersion", "kind", "metadata"},
+    "Secret": {"apiVersion", "kind", "metadata", "type", "stringData"},
 }
-RESOURCE_LIST = {
-    "type": "object",
-    "propertyNames": {"enum": ["cpu", "memory", "ephemeral-storage", GPU]},
-    "additionalProperties": QUANTITY,
-    "minProperties": 1,
-}
-PULL_POLICY = {"enum": ["Always", "IfNotPresent", "Never"]}
-
-DEFS: dict[str, Any] = {
-    "metadata": strict(
-        {"name": DNS_NAME, "namespace": DNS_NAME, "labels": STRING_MAP, "annotations": STRING_MAP},
-        ("name",),
-    ),
-    "keySelector": strict({"name": DNS_NAME, "key": NONEMPTY, "optional": BOOL}, ("name", "key")),
-    "sourceRef": strict({"name": DNS_NAME, "optional": BOOL}, ("name",)),
-    "envVar": {
-        **strict(
-            {
-                "name": ENV_NAME,
-                "value": STRING,
-                "valueFrom": {
-                    **strict(
-                        {
-                            "secretKeyRef": ref("keySelector"),
-                            "configMapKeyRef": ref("keySelector"),
-                            "fieldRef": strict({"fieldPath": NONEMPTY}, ("fieldPath",)),
-                        }
-                    ),
-                    "minProperties": 1,
-                    "maxProperties": 1,
-                },
-            },
-            ("name",),
-        ),
-        # A container's env entry has a value or a valueFrom, never both, never neither.
-        "oneOf": [{"required": ["value"]}, {"required": ["valueFrom"]}],
-    },
-    "envFrom": {
-        **strict(
-            {"configMapRef": ref("sourceRef"), "secretRef": ref("sourceRef"), "prefix": STRING}
-        ),
-        "oneOf": [{"required": ["configMapRef"]}, {"required": ["secretRef"]}],
-    },
-    "resources": strict({"limits": RESOURCE_LIST, "requests": RESOURCE_LIST}, ("limits",)),
-    "container": strict(
-        {
-            "name": DNS_NAME,
-            "image": {"type": "string", "pattern": r"^\S+$"},
-            "imagePullPolicy": PULL_POLICY,
-            "command": array(STRING),
-            "args": array(STRING),
-            "env": array(ref("envVar")),
-            "envFrom": array(ref("envFrom")),
-            "resources": ref("resources"),
-            "volumeMounts": array(
-                strict(
-                    {"name": DNS_NAME, "mountPath": NONEMPTY, "readOnly": BOOL},
-                    ("name", "mountPath"),
-                )
-            ),
-        },
-        ("name", "image", "resources"),
-    ),
-    "podTemplate": strict(
-        {
-            "metadata": strict({"labels": STRING_MAP, "annotations": STRING_MAP}),
-            "spec": strict(
-                {
-                    "containers": array(ref("container"), min_items=1),
-                    "serviceAccountName": DNS_NAME,
-                    "restartPolicy": {"enum": ["Always", "OnFailure", "Never"]},
-                    "nodeSelector": STRING_MAP,
-                    "tolerations": array(
-                        strict(
-                            {
-                                "key": STRING,
-                                "operator": {"enum": ["Exists", "Equal"]},
-                                "value": STRING,
-                                "effect": {"enum": ["NoSchedule", "PreferNoSchedule", "NoExecute"]},
-                                "tolerationSeconds": COUNT,
-                            }
-                        )
-                    ),
-                    "volumes": array(
-                        strict(
-                            {
-                                "name": DNS_NAME,
-                                "emptyDir": strict(
-                                    {"medium": {"enum": ["", "Memory"]}, "sizeLimit": QUANTITY}
-                                ),
-                            },
-                            ("name",),
-                        )
-                    ),
-                    "terminationGracePeriodSeconds": COUNT,
-                },
-                ("containers",),
-            ),
-        },
-        ("spec",),
-    ),
-    "headGroupSpec": strict(
-        {
-            # map[string]string in KubeRay: `num-cpus: 0` (a number) is refused by the API.
-            "rayStartParams": STRING_MAP,
-            "template": ref("podTemplate"),
-            "serviceType": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
-            "enableIngress": BOOL,
-        },
-        ("rayStartParams", "template"),
-    ),
-    "workerGroupSpec": strict(
-        {
-            "groupName": DNS_NAME,
-            "replicas": COUNT,
-            "minReplicas": COUNT,
-            "maxReplicas": COUNT,
-            "idleTimeoutSeconds": COUNT,
-            "numOfHosts": POSITIVE,
-            "rayStartParams": STRING_MAP,
-            "template": ref("podTemplate"),
-            "suspend": BOOL,
-        },
-        ("groupName", "minReplicas", "maxReplicas", "rayStartParams", "template"),
-    ),
-    "rayClusterSpec": strict(
-        {
-            "rayVersion": {"type": "string", "pattern": r"^[0-9]+\.[0-9]+\.[0-9]+$"},
-            "enableInTreeAutoscaling": BOOL,
-            "autoscalerOptions": strict(
-                {
-                    "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]},
-                    "idleTimeoutSeconds": COUNT,
-                    "resources": ref("resources"),
-                    "image": NONEMPTY,
-                    "imagePullPolicy": PULL_POLICY,
-                }
-            ),
-            "headGroupSpec": ref("headGroupSpec"),
-            "workerGroupSpecs": array(ref("workerGroupSpec"), min_items=1),
-            "headServiceAnnotations": STRING_MAP,
-            "suspend": BOOL,
-            # AuthOptions (KubeRay v1.6.0+; v1.5.1 has mode only): secretName names a Secret
-            # holding the data key auth_token; enableK8sTokenAuth delegates to Kubernetes RBAC.
-            "authOptions": strict(
-                {
-                    "mode": {"enum": ["disabled", "token"]},
-                    "secretName": DNS_NAME,
-                    "enableK8sTokenAuth": BOOL,
-                }
-            ),
-        },
-        ("rayVersion", "headGroupSpec", "workerGroupSpecs"),
-    ),
-    "rayJobSpec": {
-        **strict(
-            {
-                "entrypoint": NONEMPTY,
-                "runtimeEnvYAML": STRING,
-                "shutdownAfterJobFinishes": BOOL,
-                "ttlSecondsAfterFinished": COUNT,
-                "activeDeadlineSeconds": POSITIVE,
-                "backoffLimit": COUNT,
-                "rayClusterSpec": ref("rayClusterSpec"),
-                "clusterSelector": {**STRING_MAP, "minProperties": 1},
-                "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode"]},
-                "submitterPodTemplate": ref("podTemplate"),
-                "submitterConfig": strict({"backoffLimit": COUNT}),
-                "entrypointNumCpus": {"type": "number", "minimum": 0},
-                "entrypointNumGpus": {"type": "number", "minimum": 0},
-                "entrypointResources": STRING,
-                "metadata": STRING_MAP,
-                "jobId": STRING,
-                "suspend": BOOL,
-            },
-            ("entrypoint",),
-        ),
-        # A RayJob brings its own cluster or picks a running one, not both.
-        "oneOf": [{"required": ["rayClusterSpec"]}, {"required": ["clusterSelector"]}],
-    },
-}
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Every resource name a container here may ask for. A typo such as `nvidia/gpu` is a valid
+# extended-resource name to Kubernetes (the pod would wait for a node offering it), and the
+# GPU checks below count nvidia.com/gpu only.
+KNOWN_RESOURCES = {"cpu", "memory", "ephemeral-storage", GPU}
 
 
-def kind_schema(api_version: str, kind: str, spec: dict[str, Any] | None) -> dict[str, Any]:
-    fields: dict[str, Any] = {
-        "apiVersion": {"const": api_version},
-        "kind": {"const": kind},
-        "metadata": ref("metadata"),
-    }
-    if spec is not None:
-        fields["spec"] = spec
-    return {"$defs": DEFS, **strict(fields, tuple(fields))}
+def closed(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` with ``additionalProperties: false`` on every object schema that lists its
+    ``properties`` and does not say ``x-kubernetes-preserve-unknown-fields``.
+
+    A structural schema names fields but forbids none: the API server prunes an unknown field,
+    and refuses it only when the client asks for strict field validation. A ``workerGroupSpec:``
+    (for ``workerGroupSpecs``) pruned gives a head-only cluster; closed, the schema makes such a
+    typo an error here. (jsonschema ignores the ``x-kubernetes-*`` keywords, CEL rules included.)
+    """
+    out = dict(schema)
+    if "properties" in out:
+        out["properties"] = {name: closed(sub) for name, sub in out["properties"].items()}
+        if not out.get("x-kubernetes-preserve-unknown-fields"):
+            out.setdefault("additionalProperties", False)
+    for key in ("items", "additionalProperties", "not"):
+        if isinstance(out.get(key), dict):
+            out[key] = closed(out[key])
+    for key in ("allOf", "anyOf", "oneOf"):
+        if key in out:
+            out[key] = [closed(sub) for sub in out[key]]
+    return out
 
 
-SCHEMAS: dict[str, dict[str, Any]] = {
-    "RayCluster": kind_schema("ray.io/v1", "RayCluster", ref("rayClusterSpec")),
-    "RayJob": kind_schema("ray.io/v1", "RayJob", ref("rayJobSpec")),
-    "ServiceAccount": kind_schema("v1", "ServiceAccount", None),
-    "ConfigMap": {
-        "$defs": DEFS,
-        **strict(
-            {
-                "apiVersion": {"const": "v1"},
-                "kind": {"const": "ConfigMap"},
-                "metadata": ref("metadata"),
-                "data": {
-                    "type": "object",
-                    "propertyNames": ENV_NAME,
-                    "additionalProperties": STRING,
-                },
-            },
-            ("apiVersion", "kind", "metadata", "data"),
-        ),
-    },
-    "Secret": {
-        "$defs": DEFS,
-        **strict(
-            {
-                "apiVersion": {"const": "v1"},
-                "kind": {"const": "Secret"},
-                "metadata": ref("metadata"),
-                "type": {"const": "Opaque"},
-                "stringData": {"type": "object", "propertyNames": ENV_NAME},
-            },
-            ("apiVersion", "kind", "metadata", "type", "stringData"),
-        ),
-    },
-}
+def published_schema(kind: str) -> dict[str, Any]:
+    return json.loads(gzip.decompress((SCHEMA_DIR / f"{kind}.v1.json.gz").read_bytes()))
+
+
+@functools.cache
+def crd_validator(kind: str) -> jsonschema.Draft4Validator:
+    # OpenAPI 3.0's schema object is JSON Schema draft wright-00, whose keywords are draft 4's.
+    return jsonschema.Draft4Validator(closed(published_schema(kind)))
+
+
+def core_problems(doc: dict[str, Any]) -> list[str]:
+    kind = doc["kind"]
+    problems = [f"{kind}: unknown field {key!r}" for key in sorted(set(doc) - CORE_FIELDS[kind])]
+    if doc.get("apiVersion") != "v1":
+        problems.append(f"{kind}: apiVersion {doc.get('apiVersion')!r} is not v1")
+    # envFrom makes the keys variables, which the RayJobs' entrypoints expand in a shell.
+    for field in ("data", "stringData"):
+        for key, value in (doc.get(field) or {}).items():
+            if not ENV_NAME.match(key) or not isinstance(value, str):
+                problems.append(f"{kind} {field}.{key}: not a variable name with a string value")
+    return problems
 
 
 def schema_problems(doc: Any) -> list[str]:
-    if not isinstance(doc, dict) or doc.get("kind") not in SCHEMAS:
-        kind = doc.get("kind") if isinstance(doc, dict) else type(doc).__name__
-        return [f"no schema for kind {kind!r} (known: {', '.join(SCHEMAS)})"]
-    validator = jsonschema.Draft202012Validator(SCHEMAS[doc["kind"]])
-    return [
-        f"{'/'.join(map(str, err.absolute_path)) or '<root>'}: {err.message[:300]}"
-        for err in validator.iter_errors(doc)
-    ]
+    if not isinstance(doc, dict):
+        return [f"a {type(doc).__name__}, not a Kubernetes object"]
+    if (doc.get("apiVersion"), doc.get("kind")) in CRD_KINDS:
+        return [
+            f"{'/'.join(map(str, err.absolute_path)) or '<root>'}: {err.message[:300]}"
+            for err in crd_validator(doc["kind"]).iter_errors(doc)
+        ]
+    if doc.get("kind") in CORE_FIELDS:
+        return core_problems(doc)
+    return [f"no schema for {doc.get('apiVersion')!r} {doc.get('kind')!r}"]
 
 
 # ---------------------------------------------------------------- loading
@@ -427,6 +232,22 @@ def gpus(resources: dict[str, Any], section: str = "limits") -> int:
 # ---------------------------------------------------------------- the checks
 
 
+def pod_problems(doc: dict[str, Any]) -> list[str]:
+    """Every container names its image and sets limits (KubeRay derives Ray's num-cpus, num-gpus
+    and memory from them) in resources this project knows: what the schema leaves optional."""
+    problems = []
+    for where, container in containers(doc):
+        if not container.get("image"):
+            problems.append(f"{where}: no image")
+        resources = container.get("resources", {})
+        if not resources.get("limits"):
+            problems.append(f"{where}: no resources.limits")
+        for section in ("limits", "requests"):
+            for name in set(resources.get(section, {})) - KNOWN_RESOURCES:
+                problems.append(f"{where}: unknown resource {name!r} in {section}")
+    return problems
+
+
 def credential_problems(doc: dict[str, Any]) -> list[str]:
     """Credentials only by reference: from the Secret, never as values, never in runtime envs."""
     problems = [
@@ -491,7 +312,7 @@ def cluster_problems(doc: dict[str, Any], config: dict[str, dict[str, Any]]) -> 
                 problems.append(f"worker group {name}: maxReplicas 0 never gives a GPU")
     if not gpu_groups:
         problems.append(f"no worker group requests {GPU} in its limits")
-    images = {c["image"] for _, c in containers(doc)}
+    images = {c.get("image") for _, c in containers(doc)}
     if len(images) != 1:
         problems.append(f"all containers should run the one project image, found {sorted(images)}")
     account = config["ServiceAccount"]["metadata"]["name"]
@@ -722,6 +543,12 @@ def rayjob_problems(
     problems = []
     if spec.get("rayClusterSpec") != raycluster["spec"]:
         problems.append("rayClusterSpec differs from raycluster.yaml's spec")
+    if "clusterSelector" in spec:
+        problems.append("clusterSelector: the job brings its own cluster (rayClusterSpec)")
+    if spec.get("submissionMode", "K8sJobMode") != "K8sJobMode":
+        problems.append(
+            "submissionMode must be K8sJobMode (the submitter's shell expands the entrypoint)"
+        )
     if spec.get("shutdownAfterJobFinishes") is not True:
         problems.append("shutdownAfterJobFinishes must be true (or the GPU cluster stays up)")
     if spec.get("ttlSecondsAfterFinished", 0) <= 0:
@@ -884,9 +711,29 @@ COMMANDS = all_commands()
 # ---------------------------------------------------------------- tests: parsing and schema
 
 
-@pytest.mark.parametrize("name", sorted(SCHEMAS))
-def test_schemas_are_valid_json_schemas(name: str) -> None:
-    jsonschema.Draft202012Validator.check_schema(SCHEMAS[name])
+@pytest.mark.parametrize("kind", sorted(kind for _, kind in CRD_KINDS))
+def test_the_vendored_schemas_are_kuberays_and_valid(kind: str) -> None:
+    schema = published_schema(kind)
+    jsonschema.Draft4Validator.check_schema(closed(schema))
+    assert set(schema["properties"]) == {"apiVersion", "kind", "metadata", "spec"}
+    assert "headGroupSpec" in json.dumps(schema)  # RayJob embeds the cluster spec
+
+
+def test_closed_refuses_unknown_fields_where_kubernetes_would_prune_them() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "a": {"type": "object", "properties": {"b": {"type": "integer"}}},
+            "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+            "map": {"type": "object", "additionalProperties": {"type": "string"}},
+            "list": {"type": "array", "items": {"type": "object", "properties": {}}},
+        },
+    }
+    strict = jsonschema.Draft4Validator(closed(schema))
+    assert strict.is_valid({"a": {"b": 1}, "free": {"x": 1}, "map": {"k": "v"}, "list": [{}]})
+    for bad in ({"c": 1}, {"a": {"bb": 1}}, {"list": [{"x": 1}]}, {"map": {"k": 1}}):
+        assert not strict.is_valid(bad), bad
+    assert jsonschema.Draft4Validator(schema).is_valid({"a": {"bb": 1}})  # as published
 
 
 @pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: p.name)
@@ -906,6 +753,7 @@ def test_config_yaml_holds_the_configmap_the_account_and_a_secret_example() -> N
 @pytest.mark.parametrize("where,doc", kuberay_docs(), ids=[w for w, _ in kuberay_docs()])
 def test_kubernetes_objects_match_the_schema(where: str, doc: dict[str, Any]) -> None:
     assert schema_problems(doc) == []
+    assert pod_problems(doc) == []
 
 
 def test_the_secret_example_matches_the_schema() -> None:
@@ -936,40 +784,87 @@ def _set(doc: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
 WORKER = "spec.workerGroupSpecs.0"
 WORKER_CONTAINER = f"{WORKER}.template.spec.containers.0"
 HEAD_CONTAINER = "spec.headGroupSpec.template.spec.containers.0"
+# Each: the path broken, its value, and the words of the one error KubeRay's schema gives.
 BROKEN_CLUSTERS = {
-    "typo'd worker field": (f"{WORKER}.minReplica", 0),
-    "typo'd spec field": ("spec.workerGroupSpec", []),
-    "rayStartParams value not a string": ("spec.headGroupSpec.rayStartParams.num-cpus", 0),
-    "container without limits": (f"{HEAD_CONTAINER}.resources", {"requests": {"cpu": "1"}}),
-    "container without image": (f"{HEAD_CONTAINER}.image", DELETE),
-    "env with neither value nor valueFrom": (f"{HEAD_CONTAINER}.env", [{"name": "X"}]),
-    "env with both": (
-        f"{HEAD_CONTAINER}.env",
-        [{"name": "X", "value": "1", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+    "misspelt worker field": (f"{WORKER}.minReplica", 0, "'minReplica' was unexpected"),
+    "misspelt spec field": ("spec.workerGroupSpec", [], "'workerGroupSpec' was unexpected"),
+    "misspelt pod field": (
+        f"{WORKER}.template.spec.toleration",
+        [],
+        "'toleration' was unexpected",
     ),
-    "bad quantity": (f"{WORKER_CONTAINER}.resources.limits.memory", "12 gigabytes"),
-    "unknown resource": (f"{WORKER_CONTAINER}.resources.limits.nvidia/gpu", 1),
-    "wrong apiVersion": ("apiVersion", "ray.io/v1alpha1"),
+    "misspelt container field": (f"{HEAD_CONTAINER}.envfrom", [], "'envfrom' was unexpected"),
+    "replicas as a string": (f"{WORKER}.replicas", "1", "'1' is not of type 'integer'"),
+    "rayStartParams value not a string": (
+        "spec.headGroupSpec.rayStartParams.num-cpus",
+        0,
+        "0 is not of type 'string'",
+    ),
+    "bad quantity": (
+        f"{WORKER_CONTAINER}.resources.limits.memory",
+        "12 gigabytes",
+        "does not match",
+    ),
+    "no headGroupSpec": ("spec.headGroupSpec", DELETE, "'headGroupSpec' is a required property"),
+    "worker group without a name": (
+        f"{WORKER}.groupName",
+        DELETE,
+        "'groupName' is a required property",
+    ),
+    "container without a name": (f"{HEAD_CONTAINER}.name", DELETE, "'name' is a required"),
+    "unknown authOptions.mode": ("spec.authOptions.mode", "Token", "is not one of"),
+    "misspelt authOptions field": (
+        "spec.authOptions.secret",
+        TOKEN_SECRET,
+        "'secret' was unexpected",
+    ),
+    "enableK8sTokenAuth not a boolean": (
+        "spec.authOptions.enableK8sTokenAuth",
+        "yes",
+        "'yes' is not of type 'boolean'",
+    ),
 }
 
 
-@pytest.mark.parametrize("path,value", BROKEN_CLUSTERS.values(), ids=list(BROKEN_CLUSTERS))
+@pytest.mark.parametrize("path,value,error", BROKEN_CLUSTERS.values(), ids=list(BROKEN_CLUSTERS))
 def test_the_schema_rejects_a_broken_raycluster(
-    raycluster: dict[str, Any], path: str, value: Any
+    raycluster: dict[str, Any], path: str, value: Any, error: str
 ) -> None:
     assert schema_problems(raycluster) == []
-    assert schema_problems(_set(raycluster, path, value))
+    (problem,) = schema_problems(_set(raycluster, path, value))
+    assert error in problem
 
 
-def test_the_schema_rejects_a_broken_rayjob() -> None:
+def test_the_schema_rejects_a_broken_rayjob_and_unknown_kinds() -> None:
     (job,) = load_docs(RAYJOB_YAMLS[0])
     assert schema_problems(job) == []
-    assert schema_problems(_set(job, "spec.shutdownAfterJobFinished", True))  # typo
-    assert schema_problems(_set(job, "spec.submissionMode", "K8sMode"))
-    assert schema_problems(_set(job, "spec.entrypoint", ""))
-    assert schema_problems(_set(job, "spec.clusterSelector", {"ray.io/cluster": "raygan"}))
-    assert schema_problems(_set(job, "spec.rayClusterSpec", DELETE))  # neither cluster nor selector
+    cluster = "spec.rayClusterSpec"
+    for path, value in (
+        ("spec.shutdownAfterJobFinished", True),  # misspelt
+        ("spec.ttlSecondsAfterFinished", "600"),
+        (f"{cluster}.workerGroupSpecs.0.maxReplica", 8),  # misspelt, in the embedded cluster
+        ("spec.submitterPodTemplate.spec.containers.0.envFrom.0.configMapRef.nam", "x"),
+        ("spec.submitterPodTemplate.spec.containers", DELETE),  # required in a pod spec
+    ):
+        assert len(schema_problems(_set(job, path, value))) == 1, path
+    assert schema_problems({**job, "apiVersion": "ray.io/v1alpha1"})
     assert schema_problems({**job, "kind": "RayService"})
+    configmap = config_objects()["ConfigMap"]
+    assert schema_problems(_set(configmap, "date", {}))  # misspelt data
+    assert schema_problems(_set(configmap, "data.RAYGAN-URI", "s3://x"))
+
+
+def test_the_pod_check_wants_images_limits_and_known_resources(
+    raycluster: dict[str, Any],
+) -> None:
+    for path, value in (
+        (f"{HEAD_CONTAINER}.image", DELETE),
+        (f"{HEAD_CONTAINER}.resources", {"requests": {"cpu": "1"}}),
+        (f"{WORKER_CONTAINER}.resources.limits.nvidia/gpu", 1),
+    ):
+        broken = _set(raycluster, path, value)
+        assert schema_problems(broken) == [], path  # valid to KubeRay's schema ...
+        assert len(pod_problems(broken)) == 1, path  # ... but not to raygan
 
 
 # ---------------------------------------------------------------- tests: credentials
@@ -1119,13 +1014,6 @@ def test_the_token_auth_check_rejects_the_old_way_and_half_ways(
     assert cluster_problems(old_way, config)
 
 
-def test_the_schema_knows_kuberays_authoptions(raycluster: dict[str, Any]) -> None:
-    assert schema_problems(_set(raycluster, "spec.authOptions.mode", "Token"))
-    assert schema_problems(_set(raycluster, "spec.authOptions.secret", TOKEN_SECRET))  # typo
-    assert schema_problems(_set(raycluster, "spec.authOption", {"mode": "token"}))  # typo
-    assert schema_problems(_set(raycluster, "spec.authOptions.enableK8sTokenAuth", "yes"))
-
-
 def test_the_token_secret_is_one_name_and_one_key_everywhere() -> None:
     clusters = [doc for _, doc in kuberay_docs() if doc["kind"] in ("RayCluster", "RayJob")]
     assert len(clusters) == 1 + len(RAYJOB_YAMLS)
@@ -1178,6 +1066,9 @@ def test_the_rayjob_check_rejects_drift(
     assert rayjob_problems(unset, raycluster, cm)
     no_env = _set(job, "spec.submitterPodTemplate.spec.containers.0.envFrom", DELETE)
     assert rayjob_problems(no_env, raycluster, cm)
+    assert rayjob_problems(_set(job, "spec.submissionMode", "HTTPMode"), raycluster, cm)
+    selector = _set(job, "spec.clusterSelector", {"ray.io/cluster": "raygan"})
+    assert rayjob_problems(selector, raycluster, cm)
 
 
 # ---------------------------------------------------------------- tests: the commands

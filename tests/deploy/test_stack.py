@@ -28,8 +28,8 @@ from deploy.local.stack import (
     StackError,
     _group_alive,
     _proc_stat,
+    _running,
     _spawn,
-    _start_time,
     _stop,
     client_env,
     free_port,
@@ -40,6 +40,7 @@ from deploy.local.stack import (
     up,
     write_credentials,
 )
+from services.ray_procs import start_time
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -194,8 +195,20 @@ def test_stop_escalates_to_sigkill(tmp_path: Path) -> None:
 
 def test_stop_leaves_a_reused_pid_alone() -> None:
     me = os.getpid()
-    assert _start_time(me) is not None
+    assert start_time(me) is not None
     assert _stop({"pid": me, "start": "1"}, timeout=1) == "not running (its pid is reused)"
+
+
+def test_a_recorded_process_is_known_by_pid_and_start_time(tmp_path: Path) -> None:
+    me = os.getpid()
+    # The state file holds the start time as a string: it must compare equal to /proc's.
+    assert _running({"pid": me, "start": str(start_time(me))})
+    assert _running({"pid": me, "start": None})  # no start recorded: the pid alone
+    assert not _running({"pid": me, "start": str(start_time(me) + 1)})
+    entry = _python_group(tmp_path, "recorded")
+    assert entry["start"] == str(start_time(entry["pid"])) and _running(entry)
+    assert _stop(entry, timeout=2) == "stopped (after SIGTERM to its whole group)"
+    assert not _running(entry)
 
 
 def _stack(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
