@@ -196,6 +196,12 @@ class ObjectiveConfig:
     madgan_similarity: float = 0.0
     mrgan_geometric: float = 0.2  # lambda_1: ||x - G(E(x))||^2
     mrgan_mode: float = 0.4  # lambda_2: -log D(G(E(x)))
+    # MRGAN's manifold-diffusion schedule (MDGAN, Che et al. 2017; gan_core.steps.
+    # manifold_diffusion_updates): each step trains D on x against G(E(x)), then G and E on the
+    # two terms above; then a second discriminator D_D (D's architecture, d_optim's settings)
+    # on G(E(x)) against G(z), then G alone on -log D_D(G(z)). false: MRGAN's single G phase,
+    # G's own loss plus the two terms. true only with objective mrgan, one generator, no unroll.
+    mrgan_diffusion: bool = False
 
 
 @dataclass
@@ -946,6 +952,34 @@ def validate(cfg: GanConfig, source: str = "<config>") -> None:
         "discriminator.pack",
         d.pack,
         "1 with objective madgan (D classifies single samples by generator)",
+        source,
+    )
+    # The manifold-diffusion schedule is MRGAN's (it trains the encoder). The look-ahead unrolls
+    # one D in front of G's one loss; the schedule has two Ds, each with its own G loss. With a
+    # bank the encoder would send real row i to the head that the row's place in the batch picks
+    # (sample_noise's layout), not to one it learned: one generator, as in the paper.
+    _check(
+        not o.mrgan_diffusion or o.name == "mrgan",
+        "objective.mrgan_diffusion",
+        o.mrgan_diffusion,
+        f"false with objective {o.name} (the manifold-diffusion schedule trains MRGAN's "
+        "encoder; set objective.name=mrgan)",
+        source,
+    )
+    _check(
+        not o.mrgan_diffusion or cfg.unroll.steps == 0,
+        "unroll.steps",
+        cfg.unroll.steps,
+        "0 with objective.mrgan_diffusion=true (the look-ahead unrolls one discriminator in "
+        "front of one G loss; the schedule trains two, in separate phases)",
+        source,
+    )
+    _check(
+        not o.mrgan_diffusion or g.count == 1,
+        "generators.count",
+        g.count,
+        "1 with objective.mrgan_diffusion=true (the encoder would assign each real sample to "
+        "a generator by its row in the batch, not by anything learned)",
         source,
     )
     _check(

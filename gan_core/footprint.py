@@ -18,6 +18,11 @@ second-order look-ahead keeps all k of its D steps in the autograd graph, each w
 activations on the real and fake batch (and their gradients) and a new copy of D's parameters
 with the Adam moments and gradients that made it (``LOOKAHEAD_PARAM_BYTES`` per parameter); a
 first-order one detaches each step, so one step is alive at a time, whatever k.
+
+MRGAN's manifold-diffusion schedule adds a second discriminator D_D of D's architecture: its
+parameters count like D's, under ``discriminator.width``. Its activations add nothing to the
+step's part: the schedule's four updates run one after another, each backward freeing its graph
+before the next forward, and none holds more than the D phase and G phase counted below.
 """
 
 from __future__ import annotations
@@ -31,7 +36,13 @@ import torch
 from torch import nn
 
 from gan_core.config import ConfigError, GanConfig
-from gan_core.nets import build_discriminator, build_encoder, build_generator, pack_samples
+from gan_core.nets import (
+    build_diffusion_discriminator,
+    build_discriminator,
+    build_encoder,
+    build_generator,
+    pack_samples,
+)
 
 # No single worker (a host's RAM, or one GPU: an H200 has 141 GB) holds more than this; a config
 # above it cannot train anywhere raygan runs, so it is refused before Ray starts.
@@ -124,6 +135,7 @@ def footprint(cfg: GanConfig, shape: tuple[int, ...] | None = None) -> Footprint
             g_params += (g.count - 1) * per_head
         discriminator = build_discriminator(cfg, shape)
         encoder = build_encoder(cfg, shape)
+        diffusion_d = build_diffusion_discriminator(cfg, shape)
         # Two packed inputs: BatchNorm refuses a batch of one in training mode.
         probe = 2 * d.pack
         noise = torch.zeros(1, probe, g.z_dim)
@@ -137,15 +149,17 @@ def footprint(cfg: GanConfig, shape: tuple[int, ...] | None = None) -> Footprint
     batch = cfg.train.batch_size
     d_params = _parameters(discriminator)
     # G draws batch samples per step (split among its generators); D sees them and as many real
-    # ones; backward keeps every activation and its gradient.
-    step = batch * (per_sample_g + 2 * per_sample_d + 2 * per_sample_e)
+    # ones; backward keeps every activation and its gradient. MRGAN's G phase also runs G on the
+    # batch's codes E(x): a second batch through G.
+    g_batches = 1 if encoder is None else 2
+    step = batch * (g_batches * per_sample_g + 2 * per_sample_d + 2 * per_sample_e)
     # Each look-ahead step is D's step on the same real and fake batch, plus a copy of D.
     alive = cfg.unroll.steps if cfg.unroll.second_order else min(cfg.unroll.steps, 1)
     lookahead = alive * (2 * _FLOAT * batch * 2 * per_sample_d + LOOKAHEAD_PARAM_BYTES * d_params)
     chunk = min(cfg.eval.samples, _EVAL_CHUNK)
     parts = {
         "generators.width": (16 + 4) * g_params,
-        "discriminator.width": 16 * d_params,
+        "discriminator.width": 16 * (d_params + _parameters(diffusion_d)),
         "encoder.width": 16 * _parameters(encoder),
         "train.batch_size": int(2 * _FLOAT * step),
         "unroll.steps": int(lookahead),

@@ -272,6 +272,8 @@ class GanRun:
         nets = {"generator": self.model.generator, "discriminator": self.model.discriminator}
         if self.model.encoder is not None:
             nets["encoder"] = self.model.encoder
+        if self.model.diffusion_discriminator is not None:
+            nets["diffusion_discriminator"] = self.model.diffusion_discriminator
         for name, net in nets.items():
             params = [p.detach() for p in unwrap(net).parameters()]
             norms = torch._foreach_norm(params, math.inf) if params else []

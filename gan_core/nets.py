@@ -4,7 +4,8 @@ The classes only build layers and run ``forward``; the ``build_*`` functions map
 their constructor arguments. Two families: MLPs (2D point data, PacGAN / Unrolled-GAN sized nets)
 and DCGAN-style conv nets for square images of side 8, 16, 32 or 64. The anti-collapse parts live
 here too: maxout units, minibatch discrimination (Salimans et al. 2016), packed discriminator
-inputs (PacGAN), a bank of generators (MAD-GAN), EBGAN's autoencoder D and MRGAN's encoder.
+inputs (PacGAN), a bank of generators (MAD-GAN), EBGAN's autoencoder D, MRGAN's encoder and the
+second discriminator of its manifold-diffusion schedule.
 """
 
 from __future__ import annotations
@@ -509,3 +510,11 @@ def build_encoder(cfg: GanConfig, data_shape: tuple[int, ...]) -> Encoder | None
         depth=cfg.encoder.depth,
         activation=cfg.discriminator.activation,
     )
+
+
+def build_diffusion_discriminator(cfg: GanConfig, data_shape: tuple[int, ...]) -> nn.Module | None:
+    """MDGAN's second discriminator D_D (``objective.mrgan_diffusion``): D's architecture, its own
+    weights. None unless the manifold-diffusion schedule is on."""
+    if cfg.objective.name != "mrgan" or not cfg.objective.mrgan_diffusion:
+        return None
+    return build_discriminator(cfg, data_shape)

@@ -19,7 +19,8 @@ from __future__ import annotations
 import copy
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 from gan_core import objectives as obj
 from gan_core.config import WASSERSTEIN_OBJECTIVES, GanConfig, OptimizerConfig
 from gan_core.nets import (
+    build_diffusion_discriminator,
     build_discriminator,
     build_encoder,
     build_generator,
@@ -48,13 +50,16 @@ Critic = Callable[..., Tensor]
 # torch.compile backend for train.compile: inductor, unless this environment variable names another
 # (e.g. aot_eager, to tell a compiler bug from a tracing one). RAYGAN_* variables reach Ray workers.
 COMPILE_BACKEND_ENV = "RAYGAN_COMPILE_BACKEND"
-# Optional state-dict entries: present only for fp16 (see GanModel.load_state_dict).
-_SCALER_KEYS = ("g_scaler", "d_scaler")
+# Optional state-dict entries: present only for fp16 (see GanModel.load_state_dict); dd_scaler
+# only with MRGAN's manifold-diffusion schedule too.
+_SCALER_KEYS = ("g_scaler", "d_scaler", "dd_scaler")
 # The per-step metrics of train_step that are losses or parts of one: the loop reports each as
 # its mean over the steps since the previous evaluation (gan_core.loop), the D-side ones are
 # already means over the step's n_critic updates. ``wasserstein`` (wgan, wgan-gp) is the
 # critic's estimate E[D(x)] - E[D(G(z))]; ``gp`` the weighted penalty term of D's loss, so that
 # d_loss = gp - wasserstein; ``penalty`` the unweighted gradient penalty (wgan-gp, dragan).
+# MRGAN's manifold-diffusion schedule adds D_D's ``dd_loss``, ``dd_real``, ``dd_fake`` (means
+# over its n_critic updates) and G's diffusion loss ``g_diffusion`` (manifold_diffusion_updates).
 LOSS_METRICS = (
     "d_loss",
     "g_loss",
@@ -67,6 +72,10 @@ LOSS_METRICS = (
     "diversity",
     "similarity",
     "mode_reg",
+    "dd_loss",
+    "dd_real",
+    "dd_fake",
+    "g_diffusion",
 )
 
 
@@ -99,8 +108,9 @@ def lr_factor(schedule: str, step: int, total: int) -> float:
 
 @dataclass
 class GanModel:
-    """Everything that learns in one run. ``generator``/``discriminator``/``encoder`` may be
-    DDP-wrapped by ``wrap``; optimizers and the EMA copy always refer to the unwrapped modules."""
+    """Everything that learns in one run. ``generator``/``discriminator``/``encoder`` (and
+    ``diffusion_discriminator``) may be DDP-wrapped by ``wrap``; optimizers and the EMA copy
+    always refer to the unwrapped modules."""
 
     cfg: GanConfig
     data_shape: tuple[int, ...]
@@ -121,6 +131,11 @@ class GanModel:
     d_scaler: torch.amp.GradScaler | None = None
     channels_last: bool = False
     compiled: tuple[str, ...] = ()
+    # MRGAN's manifold-diffusion schedule (objective.mrgan_diffusion): the second discriminator
+    # D_D, its optimizer (d_optim's settings) and, for fp16, its GradScaler; None otherwise.
+    diffusion_discriminator: nn.Module | None = None
+    dd_opt: torch.optim.Optimizer | None = None
+    dd_scaler: torch.amp.GradScaler | None = None
     # The step at which the EMA generator's BN statistics were last recomputed (-1: never).
     _ema_bn_step: int = -1
 
@@ -130,6 +145,8 @@ class GanModel:
         self.discriminator = wrapper(self.discriminator)
         if self.encoder is not None:
             self.encoder = wrapper(self.encoder)
+        if self.diffusion_discriminator is not None:
+            self.diffusion_discriminator = wrapper(self.diffusion_discriminator)
 
     def amp(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """``fn`` (a network or critic) run under this run's autocast, float32 outputs; for fp32
@@ -167,6 +184,10 @@ class GanModel:
         }
         if self.encoder is not None:
             state["encoder"] = unwrap(self.encoder).state_dict()
+        # Only with the manifold-diffusion schedule, so older checkpoints keep their key set.
+        if self.diffusion_discriminator is not None and self.dd_opt is not None:
+            state["diffusion_discriminator"] = unwrap(self.diffusion_discriminator).state_dict()
+            state["dd_opt"] = self.dd_opt.state_dict()
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
         for key in _SCALER_KEYS:
@@ -192,6 +213,10 @@ class GanModel:
         unwrap(self.discriminator).load_state_dict(state["discriminator"], strict=True)
         if self.encoder is not None:
             unwrap(self.encoder).load_state_dict(state["encoder"], strict=True)
+        if self.diffusion_discriminator is not None and self.dd_opt is not None:
+            dd = unwrap(self.diffusion_discriminator)
+            dd.load_state_dict(state["diffusion_discriminator"], strict=True)
+            self.dd_opt.load_state_dict(state["dd_opt"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"], strict=True)
             self._ema_bn_step = -1
@@ -233,7 +258,7 @@ def compile_networks(model: GanModel, backend: str | None = None) -> tuple[str, 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     names = ["generator", "encoder"]
     if not needs_double_backward(model.cfg):
-        names.append("discriminator")
+        names += ["discriminator", "diffusion_discriminator"]
     done = []
     for name in names:
         net = getattr(model, name)
@@ -254,6 +279,10 @@ def build_model(
     encoder = build_encoder(cfg, data_shape)
     if encoder is not None:
         encoder = encoder.to(device)
+    # Built last: every other network draws its initial weights exactly as without it.
+    diffusion_d = build_diffusion_discriminator(cfg, data_shape)
+    if diffusion_d is not None:
+        diffusion_d = diffusion_d.to(device)
     channels_last = False
     if cfg.train.channels_last:
         # Before the EMA copy (which then shares the layout) and before compiling (which traces
@@ -262,6 +291,8 @@ def build_model(
         if encoder is not None:
             to_channels_last(encoder)
         channels_last = to_channels_last(discriminator)
+        if diffusion_d is not None:
+            to_channels_last(diffusion_d)
     # MRGAN's encoder learns with the generator: both minimise the G-side objective.
     g_params = list(generator.parameters()) + (list(encoder.parameters()) if encoder else [])
     ema = None
@@ -283,6 +314,10 @@ def build_model(
         d_scaler=make_scaler(cfg.train.precision, device_type),
         channels_last=channels_last,
     )
+    if diffusion_d is not None:
+        model.diffusion_discriminator = diffusion_d
+        model.dd_opt = make_optimizer(list(diffusion_d.parameters()), cfg.d_optim)
+        model.dd_scaler = make_scaler(cfg.train.precision, device_type)
     if cfg.train.compile:
         compile_networks(model)
     return model
@@ -413,7 +448,10 @@ def generator_loss(cfg: GanConfig, critic: Critic, fake: Tensor) -> Tensor:
 def _set_lr(model: GanModel) -> float:
     factor = lr_factor(model.cfg.train.lr_schedule, model.step, model.cfg.train.steps)
     factor *= model.lr_scale
-    for opt, base in ((model.g_opt, model.cfg.g_optim.lr), (model.d_opt, model.cfg.d_optim.lr)):
+    pairs = [(model.g_opt, model.cfg.g_optim.lr), (model.d_opt, model.cfg.d_optim.lr)]
+    if model.dd_opt is not None:
+        pairs.append((model.dd_opt, model.cfg.d_optim.lr))
+    for opt, base in pairs:
         for group in opt.param_groups:
             group["lr"] = base * factor
     return factor
@@ -499,6 +537,185 @@ def similarity_term(model: GanModel, d: nn.Module, same_grouped: Tensor) -> Tens
     return obj.madgan_similarity(features.reshape(count, m, -1), real_prob.reshape(count, m))
 
 
+@contextmanager
+def frozen_batch_norm_stats(net: nn.Module) -> Iterator[None]:
+    """Within the block every BatchNorm layer of ``net`` normalises by its input batch's own
+    statistics (training mode, as ever) and leaves its running statistics alone.
+
+    For MRGAN's reconstructions G(E(x)): G's outputs on the encoder's codes rather than on
+    N(0, I) noise, while evaluation samples G(z) with the running statistics, which must
+    therefore describe G(z) only. Done by ``track_running_stats=False`` for the block, not by
+    momentum 0 or by saving and restoring the buffers: ``batch_norm`` is then handed no running
+    buffers at all, so nothing is written (not even ``num_batches_tracked``) and no buffer is
+    saved for a backward that a later in-place update could invalidate. torch.compile guards on
+    the attribute (a compiled G gets a second graph for these forwards); in eval mode the
+    layers read their running statistics as usual.
+    """
+    norms = [m for m in unwrap(net).modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    tracking = [m.track_running_stats for m in norms]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m, flag in zip(norms, tracking, strict=True):
+            m.track_running_stats = flag
+
+
+def reconstruct(model: GanModel, real: Tensor) -> Tensor:
+    """MRGAN's reconstruction G(E(x)) of the flat real batch ``real``, a flat batch like it.
+
+    A generator forward of its own under ``frozen_batch_norm_stats``: BatchNorm normalises the
+    reconstructions by their own batch statistics, G(z) (a separate forward) by its own, and
+    only G(z) moves the running statistics. Real row i is encoded for generator
+    i // (batch / count), ``sample_noise``'s layout."""
+    if model.encoder is None:
+        raise ValueError("reconstruct needs MRGAN's encoder (objective.name=mrgan)")
+    g = model.cfg.generators
+    codes = model.amp(model.encoder)(real).reshape(g.count, -1, g.z_dim)
+    with frozen_batch_norm_stats(model.generator):
+        out = model.amp(model.generator)(codes)
+    return out.reshape(-1, *model.data_shape)
+
+
+@contextmanager
+def _frozen(net: nn.Module) -> Iterator[nn.Module]:
+    """``net``'s unwrapped module, frozen for the block and unfrozen after it (also on error):
+    a critic in a G update neither accumulates gradients nor, under DDP, all-reduces them."""
+    inner = unwrap(net)
+    inner.requires_grad_(False)
+    try:
+        yield inner
+    finally:
+        inner.requires_grad_(True)
+
+
+def _accumulate(sums: dict[str, Tensor], values: dict[str, Tensor]) -> None:
+    # As tensors (no device sync): the metrics are the means over a phase's n_critic updates.
+    for key, value in values.items():
+        sums[key] = value.detach() + sums[key] if key in sums else value.detach()
+
+
+def manifold_diffusion_updates(
+    model: GanModel,
+    next_real: Callable[[], Tensor],
+    rng: torch.Generator,
+    device: torch.device | str = "cpu",
+) -> tuple[dict[str, Tensor], int]:
+    """The updates of one step of MRGAN's manifold-diffusion schedule (MDGAN, Che et al. 2017;
+    ``objective.mrgan_diffusion``), in order. Returns the step's metrics (0-d tensors) and the
+    number of optimizer steps fp16's scalers skipped.
+
+    Manifold step: D (D_M) learns to tell real x from its reconstruction G(E(x)), made without
+    a graph (``n_critic`` updates, one real batch each); then G and E take one step together on
+    MRGAN's regularizer against D_M on the last real batch (``objectives.mrgan_regularizer``:
+    geometric * ||x - G(E(x))||^2 + mode * -log D_M(G(E(x)))).
+    Diffusion step: D_D learns to tell G(E(x)), its real side, from G(z), both made without a
+    graph (``n_critic`` updates; the k-th reconstructs the manifold step's k-th real batch with
+    the updated G and E, so a step reads n_critic real batches as for every objective, and
+    draws fresh noise); then G alone takes one step on the non-saturating -log D_D(G(z)) on
+    fresh noise. E has no gradient there (None: Adam skips it and its moments), so G takes two
+    steps per training step from its one optimizer and E one.
+
+    Metrics: ``d_loss``, ``d_real``, ``d_fake`` (D_M) and ``dd_loss``, ``dd_real``, ``dd_fake``
+    (D_D), each the mean over its n_critic updates; ``mode_reg`` and ``g_diffusion``, G's two
+    losses, and ``g_loss``, their sum.
+
+    The paper's algorithm box could not be read while this was written (only summaries naming
+    its manifold and diffusion steps): the order and the losses above are this code's reading.
+    """
+    cfg, o = model.cfg, model.cfg.objective
+    G, D = model.generator, model.discriminator
+    DD, dd_opt = model.diffusion_discriminator, model.dd_opt
+    if DD is None or dd_opt is None:
+        raise ValueError("the manifold-diffusion schedule needs objective.mrgan_diffusion=true")
+    batch, pack = cfg.train.batch_size, cfg.discriminator.pack
+    # One generator (the config refuses a bank with this schedule): every fake is generator 0's.
+    fake_generator = torch.zeros(batch, dtype=torch.long, device=device)
+    skipped = 0
+
+    d_sums: dict[str, Tensor] = {}
+    reals: list[Tensor] = []
+    for _ in range(o.n_critic):
+        real = _nhwc(model, next_real())
+        reals.append(real)
+        with torch.no_grad():
+            recon = reconstruct(model, real)
+        d_loss, d_logs = discriminator_loss(
+            cfg,
+            model.amp(D),
+            real,
+            recon,
+            fake_generator,
+            rng,
+            grad_scale=loss_scale(model.d_scaler, device),
+        )
+        model.d_opt.zero_grad(set_to_none=True)
+        skipped += not scaled_step(d_loss, model.d_opt, model.d_scaler)
+        _accumulate(d_sums, {"d_loss": d_loss, **d_logs})
+    with _frozen(D) as d_inner:
+        recon = reconstruct(model, real)
+        logits = _d_outputs(model.amp(d_inner), recon, pack, groups=1)
+        mode_reg = obj.mrgan_regularizer(real, recon, logits, o.mrgan_geometric, o.mrgan_mode)
+        model.g_opt.zero_grad(set_to_none=True)
+        skipped += not scaled_step(mode_reg, model.g_opt, model.g_scaler)
+
+    dd_sums: dict[str, Tensor] = {}
+    for real in reals:
+        with torch.no_grad():
+            recon = reconstruct(model, real)
+            fake = model.amp(G)(sample_noise(model, batch, rng, device))
+            fake = fake.reshape(batch, *model.data_shape)
+        dd_loss, dd_logs = discriminator_loss(
+            cfg,
+            model.amp(DD),
+            recon,
+            fake,
+            fake_generator,
+            rng,
+            grad_scale=loss_scale(model.dd_scaler, device),
+        )
+        dd_opt.zero_grad(set_to_none=True)
+        skipped += not scaled_step(dd_loss, dd_opt, model.dd_scaler)
+        _accumulate(
+            dd_sums,
+            {"dd_loss": dd_loss, "dd_real": dd_logs["d_real"], "dd_fake": dd_logs["d_fake"]},
+        )
+    with _frozen(DD) as dd_inner:
+        fake = model.amp(G)(sample_noise(model, batch, rng, device))
+        fake = fake.reshape(batch, *model.data_shape)
+        g_diffusion = generator_loss(cfg, model.amp(dd_inner), fake)
+        model.g_opt.zero_grad(set_to_none=True)
+        skipped += not scaled_step(g_diffusion, model.g_opt, model.g_scaler)
+
+    n = o.n_critic
+    named = {
+        "d_loss": d_sums.pop("d_loss") / n,
+        "g_loss": (mode_reg + g_diffusion).detach(),
+        **{key: value / n for key, value in d_sums.items()},
+        **{key: value / n for key, value in dd_sums.items()},
+        "mode_reg": mode_reg.detach(),
+        "g_diffusion": g_diffusion.detach(),
+    }
+    return named, skipped
+
+
+def _finish_step(model: GanModel, named: dict[str, Tensor], skipped: int) -> dict[str, float]:
+    """After a step's updates: the EMA, the step counter and the metrics as Python floats."""
+    update_ema(model)
+    model.step += 1
+    # One device-to-host copy for all of them (a GPU waits once per step, not once per metric).
+    values = torch.stack([v.float() for v in named.values()]).tolist()
+    metrics = dict(zip(named, values, strict=True))
+    if model.d_scaler is not None and model.g_scaler is not None:
+        metrics["amp_scale_d"] = float(model.d_scaler.get_scale())
+        metrics["amp_scale_g"] = float(model.g_scaler.get_scale())
+        if model.dd_scaler is not None:
+            metrics["amp_scale_dd"] = float(model.dd_scaler.get_scale())
+        metrics["amp_skipped"] = float(skipped)
+    return metrics
+
+
 def train_step(
     model: GanModel,
     next_real: Callable[[], Tensor],
@@ -513,6 +730,9 @@ def train_step(
     With fp16 the metrics also hold both scales (``amp_scale_d``, ``amp_scale_g``) and
     ``amp_skipped``, the number of optimizer steps the scalers skipped for inf/NaN gradients
     (normal while the scale calibrates; skipped steps leave weights and moments untouched).
+
+    With ``objective.mrgan_diffusion`` the step is MRGAN's manifold-diffusion schedule instead
+    (``manifold_diffusion_updates``).
     """
     cfg = model.cfg
     count, batch = cfg.generators.count, cfg.train.batch_size
@@ -522,6 +742,8 @@ def train_step(
     G_amp, D_amp = model.amp(G), model.amp(D)
     fake_generator = torch.arange(count, device=device).repeat_interleave(batch // count)
     _set_lr(model)
+    if model.diffusion_discriminator is not None:
+        return _finish_step(model, *manifold_diffusion_updates(model, next_real, rng, device))
     skipped = 0
 
     # D phase: fakes are generated without a graph; D sees real and fake in one forward.
@@ -558,11 +780,13 @@ def train_step(
         encoder = model.encoder
         similarity_weight = cfg.objective.madgan_similarity
         if encoder is not None:
-            # MRGAN: G(z) and G(E(x)) in one generator forward (one forward per backward under DDP).
-            z_rec = model.amp(encoder)(real).reshape(count, -1, cfg.generators.z_dim)
-            out = G_amp(torch.cat([z, z_rec], dim=1))
-            m = z.shape[1]
-            fake_grouped, recon = out[:, :m], out[:, m:].reshape(-1, *model.data_shape)
+            # MRGAN: G(z) and G(E(x)) in two generator forwards, so that BatchNorm normalises
+            # each by its own batch statistics and only G(z) moves the running statistics that
+            # evaluation samples with (reconstruct). Under DDP, G then runs two forwards before
+            # one backward: autograd sums each parameter's two gradients before its single
+            # AccumulateGrad hook, which is what DDP's reducer counts (test_ddp.py[mrgan]).
+            fake_grouped = G_amp(z)
+            recon = reconstruct(model, real)
         elif similarity_weight > 0:
             # MAD-GAN-Sim: the shared-z samples ride in the same generator forward (one forward
             # per backward under DDP); both halves are N(0, I) noise, so BatchNorm's statistics
@@ -613,15 +837,6 @@ def train_step(
         skipped += not scaled_step(g_loss, model.g_opt, model.g_scaler)
     finally:
         d_inner.requires_grad_(True)
-    update_ema(model)
-    model.step += 1
     d_means = {key: value / n_critic for key, value in d_sums.items()}
     named = {"d_loss": d_means.pop("d_loss"), "g_loss": g_loss.detach(), **d_means, **logs}
-    # One device-to-host copy for all of them (a GPU waits once per step, not once per metric).
-    values = torch.stack([v.float() for v in named.values()]).tolist()
-    metrics = dict(zip(named, values, strict=True))
-    if model.d_scaler is not None and model.g_scaler is not None:
-        metrics["amp_scale_d"] = float(model.d_scaler.get_scale())
-        metrics["amp_scale_g"] = float(model.g_scaler.get_scale())
-        metrics["amp_skipped"] = float(skipped)
-    return metrics
+    return _finish_step(model, named, skipped)

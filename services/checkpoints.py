@@ -57,7 +57,8 @@ log = logging.getLogger("raygan")
 # Keys that change the shapes or kinds of what a checkpoint holds. Everything else (train.steps,
 # learning rates, eval.*, ...) may change between a run and its resume.
 _ARCH_SECTIONS = ("data.", "generators.", "discriminator.", "encoder.")
-_ARCH_KEYS = ("objective.name", "g_optim.name", "d_optim.name")
+# objective.mrgan_diffusion adds MRGAN's second discriminator and its optimizer to the state.
+_ARCH_KEYS = ("objective.name", "objective.mrgan_diffusion", "g_optim.name", "d_optim.name")
 
 
 class CheckpointError(RuntimeError):

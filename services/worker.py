@@ -1,11 +1,12 @@
 """``train_loop_per_worker``: the gan_core loop inside one Ray Train worker.
 
 Each worker builds the same ``GanRun`` (identical initial weights, its own data and noise
-streams = its shard), wraps G, D and MRGAN's encoder separately in DDP, restores from the last
-registered checkpoint when Ray hands one back, and reports at every evaluation. Every rank
-calls ``ray.train.report`` the same number of times; only rank 0 attaches a checkpoint, writes
-images and talks to MLflow. Loss metrics are averaged over ranks so every rank reports the
-same numbers; coverage metrics are computed from the (identical) generator on every rank.
+streams = its shard), wraps G, D, MRGAN's encoder and diffusion D separately in DDP, restores
+from the last registered checkpoint when Ray hands one back, and reports at every evaluation.
+Every rank calls ``ray.train.report`` the same number of times; only rank 0 attaches a
+checkpoint, writes images and talks to MLflow. Loss metrics are averaged over ranks so every
+rank reports the same numbers; coverage metrics are computed from the (identical) generator on
+every rank.
 """
 
 from __future__ import annotations

@@ -125,3 +125,20 @@ def test_a_generator_bank_is_counted_without_building_every_generator(shared: bo
     )
     real = sum(p.numel() for p in build_generator(cfg, (2,)).parameters())
     assert fp.footprint(cfg).parts["generators.width"] == 20 * real
+
+
+def test_mrgan_counts_g_on_the_codes_and_the_schedules_second_discriminator() -> None:
+    # HAND_NETS plus an encoder of one hidden layer of 3: Flatten (2), Linear(2 -> 3),
+    # LeakyReLU, Linear(3 -> 2) = 10 elements per sample. MRGAN's G phase runs G on z and on
+    # E(x): twice G's 16 per sample, with D's 9 and E's 10 counted twice as before.
+    encoder = ["encoder.width=3", "encoder.depth=1"]
+    mrgan = fp.footprint(load_config("ring8_mrgan", [*HAND_NETS, *encoder])).parts
+    assert mrgan["train.batch_size"] == 2 * 4 * 10 * (2 * 16 + 2 * 9 + 2 * 10)
+    cfg = load_config("ring8_mrgan_diffusion", [*HAND_NETS, *encoder])
+    diffusion = fp.footprint(cfg).parts
+    d = sum(p.numel() for p in build_discriminator(cfg, (2,)).parameters())
+    # D_D: D's architecture, its own weights, gradients and Adam moments.
+    assert mrgan["discriminator.width"] == 16 * d
+    assert diffusion["discriminator.width"] == 2 * 16 * d
+    # The schedule's updates run one after another: no more activations alive than MRGAN's.
+    assert diffusion["train.batch_size"] == mrgan["train.batch_size"]

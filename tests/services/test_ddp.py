@@ -68,6 +68,9 @@ VARIANTS: dict[str, list[str]] = {
     "unrolled-first-order": ["unroll.steps=2", "unroll.second_order=false"],
     "madgan": ["objective.name=madgan", "generators.count=2", "objective.madgan_diversity=0.5"],
     "mrgan": ["objective.name=mrgan"],
+    # The manifold-diffusion schedule: D_D is a fourth DDP module; per step it reads one real
+    # batch and two noise draws (D_D's update, then G's diffusion update), as _inputs provides.
+    "mrgan-diffusion": ["objective.name=mrgan", "objective.mrgan_diffusion=true"],
 }
 Patch = Callable[[Any, str, Any], None]
 
@@ -116,6 +119,7 @@ def _feed(run: GanRun, patch: Patch, shard: int, shards: int) -> None:
 def _weights(run: GanRun) -> dict[str, Tensor]:
     model = run.model
     nets = {"G": model.generator, "D": model.discriminator, "E": model.encoder}
+    nets["DD"] = model.diffusion_discriminator
     return {
         f"{net}.{key}": value.detach().clone()
         for net, module in nets.items()
