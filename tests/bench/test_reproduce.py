@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -42,10 +43,16 @@ def test_full_plan_has_five_seeds_for_the_bars_and_every_unroll_depth_for_both_d
     for suite in ("ring8", "grid25", "stacked"):
         ours = [r for r in rows if r.suite == suite]
         assert {"plain", "best"} <= {r.key.split("_")[-1] for r in ours}
-        assert sum(r.key.endswith("_best") for r in ours) == 1  # one row is held to the bar
+        # Held to the bar: the mode-count-tuned best row, and on the mixtures points_best.
+        held = {r.key for r in ours if r.key.endswith("_best")}
+        points = {f"{suite}_points_best"} if suite != "stacked" else set()
+        assert held == {f"{suite}_best"} | points
         # The best rows (held to the bars) have 5 seeds; the plain references 3 (seeds 3 and 4
         # were cut to fit the hour, and each plain row says so and what they had read).
-        (best,) = [r for r in ours if r.key.endswith("_best")]
+        for key in held:
+            (row,) = [r for r in ours if r.key == key]
+            assert row.seeds == (0, 1, 2, 3, 4)
+        (best,) = [r for r in ours if r.key == f"{suite}_best"]
         (plain,) = [r for r in ours if r.key.endswith("_plain")]
         assert best.seeds == (0, 1, 2, 3, 4) and plain.seeds == (0, 1, 2)
         assert "Seeds 3 and 4 were cut" in plain.note
@@ -103,6 +110,37 @@ def test_best_preset_trains_exactly_the_benchmarked_best_row(data):
     assert {k: v for k, v in preset.items() if k not in ignored} == {
         k: v for k, v in bench.items() if k not in ignored
     }
+
+
+def test_points_best_rows_train_the_shipped_preset_with_only_the_data_set_changed():
+    # One config for any points: the two rows differ in data.name alone, and what they train
+    # is the preset `services.train --config points_best data.name=...` trains.
+    rows = {r.suite: r for r in plan(False).rows if r.key.endswith("_points_best")}
+    assert set(rows) == {"ring8", "grid25"}
+    ignored = {"name", "seed", "eval.every", "train.threads"}
+    flat = {}
+    for data, row in rows.items():
+        assert row.preset == "points_best" and row.overrides == (f"data.name={data}",)
+        bench = flatten(row_config(row, 0))
+        preset = flatten(load_config("points_best", [f"data.name={data}"]))
+        assert {k: v for k, v in preset.items() if k not in ignored} == {
+            k: v for k, v in bench.items() if k not in ignored
+        }
+        flat[data] = {k: v for k, v in bench.items() if k not in ignored}
+    differing = {k for k in flat["ring8"] if flat["ring8"][k] != flat["grid25"][k]}
+    assert differing == {"data.name"}
+
+
+def test_a_code_revision_changes_only_its_rows_ids():
+    # Recorded runs of ring8_best trained before fake packs were mixed across the bank must not
+    # be reused; every other row keeps the id its committed runs were recorded under.
+    rows = {r.key: r for r in plan(False).rows}
+    assert rows["ring8_best"].revision == reproduce.CODE_REVISIONS["ring8_best"] >= 1
+    old = Row(**{**rows["ring8_best"].__dict__, "revision": 0})
+    assert old.config_id(0) != rows["ring8_best"].config_id(0)
+    plain = rows["ring8_plain"]
+    text = json.dumps([plain.preset, list(plain.overrides), plain.steps, 0])
+    assert plain.config_id(0) == hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def test_config_id_changes_with_anything_that_decides_the_model():
