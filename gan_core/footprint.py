@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gan_core.config import ConfigError, GanConfig
+from gan_core.config.schema import ConfigError, GanConfig
 from gan_core.nets import (
     build_diffusion_discriminator,
     build_discriminator,

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from gan_core.config import ACTIVATIONS, DCGAN_SIDES, GanConfig
+from gan_core.config.schema import ACTIVATIONS, DCGAN_SIDES, GanConfig
 
 _CONVS = (nn.Conv2d, nn.ConvTranspose2d)
 
