@@ -178,7 +178,7 @@ def check_footprint(
     estimate = footprint(cfg, shape)
     if estimate.total > limit:
         key = _costliest_key(cfg, shape, estimate)
-        value = _lookup(cfg, key)
+        value = _field_at(cfg, key)
         breakdown = ", ".join(
             f"{name} {size / 2**30:.3g} GiB"
             for name, size in sorted(estimate.parts.items(), key=lambda kv: -kv[1])
@@ -202,8 +202,8 @@ def _costliest_key(cfg: GanConfig, shape: tuple[int, ...] | None, estimate: Foot
     defaults = GanConfig()
     best, best_total = estimate.largest, estimate.total
     for key in estimate.parts:
-        default = _lookup(defaults, key)
-        if _lookup(cfg, key) == default:
+        default = _field_at(defaults, key)
+        if _field_at(cfg, key) == default:
             continue
         total = footprint(_replace(cfg, key, default), shape).total
         if total < best_total:
@@ -218,7 +218,8 @@ def _replace(node: Any, key: str, value: object) -> Any:
     return dataclasses.replace(node, **{head: new})
 
 
-def _lookup(cfg: GanConfig, key: str) -> object:
+def _field_at(cfg: GanConfig, key: str) -> object:
+    """The value of the dataclass field at dotted ``key`` (what ``_replace`` sets)."""
     node: object = cfg
     for part in key.split("."):
         node = getattr(node, part)

@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import pickle
-import tempfile
 import zipfile
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -37,7 +36,7 @@ import torch
 from omegaconf import OmegaConf
 
 from gan_core.config import ConfigError, GanConfig, flatten, from_dict, to_yaml
-from services.storage import Storage, write_failure
+from services.storage import Storage, write_atomic, write_failure
 
 if TYPE_CHECKING:
     from gan_core.loop import GanRun
@@ -66,27 +65,11 @@ class CheckpointError(RuntimeError):
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file, flush it to disk, then rename it over ``path``: a
-    reader (or a resume after a crash) sees the old file or the new one, never half of one. A
-    full disk is a StorageFullError naming the file (services.storage.write_failure)."""
-    tmp = ""
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            # On disk before meta.json names it: the commit must not outrun its files.
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if tmp:
-            Path(tmp).unlink(missing_ok=True)
-        full = write_failure(
-            exc, f"checkpoint folder {path.parent}", path.name, "free space there or set TMPDIR"
-        )
-        if full is not None:
-            raise full from exc
-        raise
+    """``services.storage.write_atomic`` into a checkpoint folder; a full disk is a
+    StorageFullError naming the file."""
+    # fsync: on disk before meta.json names it, since the commit must not outrun its files.
+    where, hint = f"checkpoint folder {path.parent}", "free space there or set TMPDIR"
+    write_atomic(path, data, where, path.name, hint, sync=os.fsync)
 
 
 def _tensors(node: Any, key: str) -> Iterator[tuple[str, torch.Tensor]]:

@@ -26,16 +26,11 @@ import pyarrow.fs as pafs
 
 from gan_core.config import StorageConfig
 
+# Callers that use storage anyway import redact from here (services.train, tuning, ...).
+from services.secrets import redact
+
 log = logging.getLogger("raygan")
 T = TypeVar("T")
-
-SECRET_ENV = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "MLFLOW_TRACKING_TOKEN",
-    "MLFLOW_TRACKING_PASSWORD",
-)
 
 ALLOWED_FORMS = "a local folder path (e.g. ./runs or /data/runs) or s3://bucket[/prefix]"
 
@@ -95,6 +90,42 @@ def write_failure(
     return StorageFullError(f"{where}: {reason} writing {file}: {hint}; {RESUME_NOTE}")
 
 
+def write_atomic(
+    path: Path,
+    data: bytes,
+    where: str,
+    file: str,
+    hint: str = STORAGE_HINT,
+    *,
+    make_parent: bool = False,
+    sync: Callable[[int], None] | None = None,
+) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``: a
+    reader (or a resume after a crash) sees the old file or the new one, never half of one.
+    ``sync`` (``os.fsync``) gets the temporary file's descriptor before the rename, for a
+    caller whose later writes must not outrun this one; ``make_parent`` creates the folder.
+    A write refused for space, quota or a read-only mount is a StorageFullError naming
+    ``file`` in ``where`` (``write_failure``); the temporary file never outlives a failure."""
+    tmp = ""
+    try:
+        if make_parent:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            if sync is not None:
+                out.flush()
+                sync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        full = write_failure(exc, where, file, hint)
+        if full is not None:
+            raise full from exc
+        raise
+
+
 # pyarrow (Ray's checkpoint uploads) reports OS errors as text: "... [errno 28] No space ...".
 _ERRNO_TEXT = re.compile(r"\[errno (\d+)\]", re.IGNORECASE)
 
@@ -135,15 +166,6 @@ def find_write_failure(exc: BaseException, where: str) -> StorageFullError | Non
                 f"{where}: {reason} writing a file: {STORAGE_HINT}; {RESUME_NOTE}"
             )
     return None
-
-
-def redact(text: str) -> str:
-    """``text`` with the values of the secret variables in ``os.environ`` replaced by ``***``."""
-    # Very short values would blank out ordinary words, so they are left alone.
-    secrets = [os.environ.get(name, "") for name in SECRET_ENV]
-    for secret in sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return text
 
 
 @dataclass
@@ -214,24 +236,8 @@ class Storage:
 
             self._retry("write", rel, put)
         else:
-            target = Path(path)
-            tmp = ""
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(
-                    dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
-                )
-                with os.fdopen(fd, "wb") as out:
-                    out.write(data)
-                os.replace(tmp, target)
-            except BaseException as exc:
-                if tmp:
-                    Path(tmp).unlink(missing_ok=True)
-                # A full disk is not retried (it does not heal in seconds) and is said plainly.
-                full = write_failure(exc, f"storage {self.uri}", rel)
-                if full is not None:
-                    raise full from exc
-                raise
+            # A full disk is not retried (it does not heal in seconds) and is said plainly.
+            write_atomic(Path(path), data, f"storage {self.uri}", rel, make_parent=True)
         return f"{self.uri}/{rel}"
 
     def read_bytes(self, relpath: str) -> bytes:

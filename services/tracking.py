@@ -49,10 +49,10 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from gan_core.config import GanConfig, flatten
+from services.secrets import is_secret_key, redact
 
 logger = logging.getLogger("raygan.tracking")
 
-SECRET_KEY_PARTS = ("secret", "password", "token", "access_key", "credential")
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 # MLflow error codes that mean "this request is wrong", so retrying it can never succeed.
 _PERMANENT_ERRORS = frozenset(
@@ -85,22 +85,6 @@ def default_tracking_uri(storage_uri: str) -> str:
     else:
         folder = Path(storage_uri)
     return f"sqlite:///{folder.resolve()}/mlflow.db"
-
-
-def _redactor() -> Callable[[str], str]:
-    """``services.storage.redact`` when that module exists, else the identity."""
-    try:
-        from services.storage import redact
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("services.storage", "services"):
-            raise  # the module exists but is broken: hiding that would hide secrets leaking
-        return lambda text: text
-    return redact
-
-
-def _is_secret_key(key: str) -> bool:
-    lowered = key.lower()
-    return any(part in lowered for part in SECRET_KEY_PARTS)
 
 
 def _git_commit() -> str:
@@ -174,7 +158,6 @@ class Tracker:
         self.cfg = cfg
         self.tracking_uri = tracking_uri or cfg.tracking.uri or default_tracking_uri(storage_uri)
         self.retry_interval_s = retry_interval_s
-        self._redact = _redactor()
         self._artifact_location: str | None = None
         db = _sqlite_path(self.tracking_uri)
         if db is not None:
@@ -187,9 +170,7 @@ class Tracker:
         self._experiment_id: str | None = None
         self._run_ready = False  # run exists, is RUNNING and has its params
         self._params = {
-            key: self._redact(str(value))
-            for key, value in flatten(cfg).items()
-            if not _is_secret_key(key)
+            key: redact(str(value)) for key, value in flatten(cfg).items() if not is_secret_key(key)
         }
         self._tags: dict[str, str] = {}
         self._metrics: deque[Metric] = deque(maxlen=max_buffered_points)
@@ -230,7 +211,7 @@ class Tracker:
     @property
     def ui_hint(self) -> str:
         """How a person finds this run: its page on the server, or the ``mlflow ui`` command."""
-        uri = self._redact(self.tracking_uri)
+        uri = redact(self.tracking_uri)
         if uri.startswith(("http://", "https://")):
             if self._experiment_id and self._run_id:
                 return f"{uri.rstrip('/')}/#/experiments/{self._experiment_id}/runs/{self._run_id}"
@@ -277,7 +258,7 @@ class Tracker:
         """Set (or overwrite) run tags; values are redacted like params."""
         if self._refuse_after_finish("set_tags"):
             return
-        self._tags.update({str(k): self._redact(str(v)) for k, v in tags.items()})
+        self._tags.update({str(k): redact(str(v)) for k, v in tags.items()})
         self._deliver()
 
     def flush(self) -> bool:
@@ -300,12 +281,12 @@ class Tracker:
                     "could not mark MLflow run %s %s: %s",
                     self._run_id,
                     status,
-                    self._redact(str(exc)),
+                    redact(str(exc)),
                 )
         else:
             logger.warning(
                 "MLflow at %s still unreachable at finish; NOT logged: %s%s",
-                self._redact(self.tracking_uri),
+                redact(self.tracking_uri),
                 self._describe_pending(),
                 "" if self._run_ready else " (and the run itself was never opened)",
             )
@@ -329,7 +310,7 @@ class Tracker:
                     "MLflow metric buffer full (%d points): dropping the oldest points until "
                     "MLflow at %s is reachable again",
                     self._metrics.maxlen,
-                    self._redact(self.tracking_uri),
+                    redact(self.tracking_uri),
                 )
             self._dropped_points += 1
         self._metrics.append(point)  # a full deque drops its oldest item
@@ -351,8 +332,8 @@ class Tracker:
                 logger.warning(
                     "MLflow at %s unreachable (%s); buffering %s; retrying on later calls "
                     "(at most every %.0f s) and in flush()/finish()",
-                    self._redact(self.tracking_uri),
-                    self._redact(str(exc).splitlines()[0][:300] if str(exc) else repr(exc)),
+                    redact(self.tracking_uri),
+                    redact(str(exc).splitlines()[0][:300] if str(exc) else repr(exc)),
                     self._describe_pending(),
                     self.retry_interval_s,
                 )
@@ -360,7 +341,7 @@ class Tracker:
         if outage:
             logger.info(
                 "MLflow at %s reachable again after %.0f s; buffered data delivered%s",
-                self._redact(self.tracking_uri),
+                redact(self.tracking_uri),
                 time.monotonic() - self._down_since,
                 f" except the {self._dropped_points} oldest metric points"
                 if self._dropped_points
@@ -439,7 +420,7 @@ class Tracker:
             logger.warning(
                 "MLflow run %s (to resume) not found at %s; starting a new run",
                 self._resume_id,
-                self._redact(self.tracking_uri),
+                redact(self.tracking_uri),
             )
             self._resume_id = None
             return None
@@ -514,7 +495,7 @@ class Tracker:
             if not _is_permanent(exc):
                 raise
             logger.warning(
-                "MLflow rejected %s; dropped: %s", what, self._redact(str(exc).splitlines()[0])
+                "MLflow rejected %s; dropped: %s", what, redact(str(exc).splitlines()[0])
             )
 
     def _spool_pending(self) -> None:

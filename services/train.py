@@ -17,7 +17,6 @@ import json
 import logging
 import signal
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -33,12 +32,8 @@ from gan_core.config import (
 )
 from gan_core.files import FileData
 from gan_core.loop import LoopHooks, NonFiniteError
-from services.checkpoints import (
-    LOCAL_CHECKPOINTS,
-    CheckpointError,
-    checkpoint_folders,
-    download_complete,
-)
+from services.checkpoints import LOCAL_CHECKPOINTS, CheckpointError
+from services.cli import DEFAULT_CONFIG, add_job_args
 from services.launch import init_ray, make_trainer
 from services.lease import LeaseHeld, acquire_for
 from services.storage import (
@@ -73,21 +68,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m services.train", description="Train a GAN with Ray Train (DDP)."
     )
     parser.add_argument(
-        "--config", default="ring8", help=f"preset ({', '.join(preset_names())}) or YAML path"
+        "--config",
+        default=DEFAULT_CONFIG,
+        help=f"preset ({', '.join(preset_names())}) or YAML path",
     )
     parser.add_argument("--summary-json", default="", help="write the final summary here")
-    parser.add_argument(
-        "--address", default=None, help="Ray address (default: RAY_ADDRESS, else start a local Ray)"
+    add_job_args(
+        parser,
+        force="take over the run's lease from a job known to be dead (see services/lease.py)",
+        quiet="only the final summary",
+        verbose="keep Ray's own logs",
+        overrides="key=value config overrides",
     )
-    verbosity = parser.add_mutually_exclusive_group()
-    verbosity.add_argument("--quiet", action="store_true", help="only the final summary")
-    verbosity.add_argument("--verbose", action="store_true", help="keep Ray's own logs")
-    parser.add_argument(
-        "--force",
-        action="store_true",
-        help="take over the run's lease from a job known to be dead (see services/lease.py)",
-    )
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     return parser.parse_args(argv)
 
 
@@ -191,20 +183,13 @@ def run_local(
 def _run_local(cfg: GanConfig, args: argparse.Namespace, data: FileData | None) -> dict[str, Any]:
     session = WorkerSession(cfg, rank=0, world_size=1, device="cpu", quiet=args.quiet, data=data)
     storage = session.storage
-    saved = {
-        folder: files
-        for folder, files in checkpoint_folders(storage.list(cfg.name)).items()
-        if folder.startswith(f"{LOCAL_CHECKPOINTS}/")
-    }
+    saved = session.stored_checkpoints(f"{LOCAL_CHECKPOINTS}/")
     # The newest complete folder; incomplete ones (a write cut short by a full disk, say) are
     # skipped with a warning. A complete one that does not load stops the run (exit 2).
     for folder in sorted(saved, reverse=True):
-        with tempfile.TemporaryDirectory() as tmp:
-            if not download_complete(storage, f"{cfg.name}/{folder}", saved[folder], Path(tmp)):
-                continue
-            session.restore(tmp)
-        print(f"[raygan] resumed {cfg.name} at step {session.start_step}", flush=True)
-        break
+        if session.restore_stored(folder, saved[folder]):
+            print(f"[raygan] resumed {cfg.name} at step {session.start_step}", flush=True)
+            break
     session.start_tracking()
     last: dict[str, float] = {}
     checkpoint_uri = None

@@ -17,7 +17,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +106,24 @@ class WorkerSession:
         tracking = Path(folder) / TRACKING_FILE
         if tracking.is_file():
             self.mlflow_run_id = json.loads(tracking.read_text()).get("run_id")
+
+    def stored_checkpoints(self, prefix: str) -> dict[str, set[str]]:
+        """This run's checkpoint folders in storage whose path starts with ``prefix`` (Ray
+        Train's ``checkpoint_`` or the local backend's ``local_checkpoints/``), with the names
+        of the files each holds."""
+        folders = checkpoint_folders(self.storage.list(self.cfg.name))
+        return {folder: files for folder, files in folders.items() if folder.startswith(prefix)}
+
+    def restore_stored(self, folder: str, files: Collection[str]) -> bool:
+        """Download the run's stored checkpoint ``folder`` (``files``: its file names) into a
+        temporary folder and restore from it. False, with a warning naming it, when the folder
+        is incomplete (``download_complete``); a complete one that does not load raises
+        CheckpointError."""
+        with tempfile.TemporaryDirectory() as tmp:
+            if not download_complete(self.storage, f"{self.cfg.name}/{folder}", files, Path(tmp)):
+                return False
+            self.restore(tmp)
+        return True
 
     def start_tracking(self) -> None:
         if self.rank != 0 or not self.cfg.tracking.enabled:
@@ -245,11 +263,7 @@ def restore_latest_stored(session: WorkerSession, newer_than: int = 0) -> bool:
     incomplete (an upload cut short: ``incomplete_reason``) or fail to load are skipped with a
     warning naming them. Every rank lists the same storage, so all ranks pick the same folder."""
     storage, name = session.storage, session.cfg.name
-    folders = {
-        folder: files
-        for folder, files in checkpoint_folders(storage.list(name)).items()
-        if folder.startswith(RAY_CHECKPOINT_PREFIX)
-    }
+    folders = session.stored_checkpoints(RAY_CHECKPOINT_PREFIX)
     candidates = []
     for folder, files in folders.items():
         if listed_complete(files):
@@ -261,14 +275,12 @@ def restore_latest_stored(session: WorkerSession, newer_than: int = 0) -> bool:
     for step, folder in sorted(candidates, reverse=True):
         if step <= newer_than:
             break
-        with tempfile.TemporaryDirectory() as tmp:
-            if not download_complete(storage, f"{name}/{folder}", folders[folder], Path(tmp)):
+        try:
+            if not session.restore_stored(folder, folders[folder]):
                 continue
-            try:
-                session.restore(tmp)
-            except CheckpointError as exc:
-                log.warning("skipping stored checkpoint %s: %s", folder, exc)
-                continue
+        except CheckpointError as exc:
+            log.warning("skipping stored checkpoint %s: %s", folder, exc)
+            continue
         if session.rank == 0:
             sys.stdout.write(
                 f"[raygan] newest complete checkpoint in storage is newer than Ray's "

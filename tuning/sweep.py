@@ -44,6 +44,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
 from gan_core.config import ConfigError, StorageConfig, load_config
+from services.cli import DEFAULT_CONFIG, add_job_args
 from services.launch import init_ray
 from services.lease import LeaseHeld, RunLease, acquire_for
 from services.preflight import DataError, preflight
@@ -91,7 +92,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--space", default="", help=f"named space ({', '.join(space_names())}) or a space YAML path"
     )
-    parser.add_argument("--config", default="ring8", help="base config: preset or YAML path")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="base config: preset or YAML path")
     parser.add_argument(
         "--num-samples", type=int, default=1, help="repeats of the grid / draws of the sampled keys"
     )
@@ -138,18 +139,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="continue the interrupted sweep --name (its saved settings)",
     )
-    parser.add_argument(
-        "--force",
-        action="store_true",
-        help="take over the sweep's lease from a sweep known to be dead (services/lease.py)",
+    add_job_args(
+        parser,
+        force="take over the sweep's lease from a sweep known to be dead (services/lease.py)",
+        quiet="no Tune progress table",
+        verbose="Ray's logs, trial progress",
+        overrides="key=value overrides of the base config",
+        force_first=True,
     )
-    parser.add_argument(
-        "--address", default=None, help="Ray address (default: RAY_ADDRESS, else start a local Ray)"
-    )
-    verbosity = parser.add_mutually_exclusive_group()
-    verbosity.add_argument("--quiet", action="store_true", help="no Tune progress table")
-    verbosity.add_argument("--verbose", action="store_true", help="Ray's logs, trial progress")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of the base config")
     return parser.parse_args(argv)
 
 
