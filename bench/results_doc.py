@@ -325,8 +325,202 @@ def render(payload: dict[str, Any]) -> str:
     if items:
         out += _fashion(items, payload.get("fashion"))
     if not quick:
+        out += convergence_section(CONVERGENCE_JSON)
         out += ["", SEARCH_NOTES.read_text().rstrip()]
     return "\n".join(out) + "\n"
+
+
+# bench.convergence's record (`python -m bench.convergence`), shown when present; its figure is
+# read from docs/results/ (a path relative to docs/RESULTS.md).
+CONVERGENCE_JSON = Path(__file__).with_name("out") / "convergence.json"
+CONVERGENCE_FIGURE = "results/convergence.png"
+# |rho| at or above this counts as a signal following reverse KL; below it, as saying little.
+RHO_TRACKS = 0.5
+
+
+def _relation(rho_kl: float, rho_hq: float, use_kl: bool = True) -> str:
+    """How a signal moves with sample quality, from its rank correlations with reverse KL
+    (lower is better) and HQ % (higher is better); without ``use_kl`` (reverse KL stayed within
+    its bar all run) from HQ % alone. See convergence_section's verdict text."""
+    if not use_kl:
+        if rho_hq != rho_hq or abs(rho_hq) < RHO_TRACKS:
+            return "says little"
+        return "falls as the samples improve" if rho_hq < 0 else "rises as the samples improve"
+    strong = [v == v and abs(v) >= RHO_TRACKS for v in (rho_kl, rho_hq)]
+    if all(strong) and rho_kl > 0 > rho_hq:
+        return "falls as the samples improve"
+    if all(strong) and rho_kl < 0 < rho_hq:
+        return "rises as the samples improve"
+    if not any(strong):
+        return "says little"
+    if all(strong):
+        return "follows reverse KL and HQ % in contradicting senses"
+    return "follows one quality metric only"
+
+
+def _time_caveat(by_target: dict[str, dict[str, Any]], rho_hq: float) -> str:
+    """A note where a signal is at least as monotone in the step as in HQ %: with quality rising
+    over time (and the learning rate decaying), one run cannot tell the two apart."""
+    step = by_target["step"]["median"]
+    if step == step and rho_hq == rho_hq and abs(step) >= max(abs(rho_hq), RHO_TRACKS):
+        return (
+            f" Its rho with the step is {_rho(step)}, as strong as with HQ %: this run cannot "
+            "tell following quality from drifting with training time."
+        )
+    return ""
+
+
+def _rho(value: float) -> str:
+    return "-" if value != value else f"{value:+.2f}"
+
+
+def convergence_section(path: Path) -> list[str]:
+    """'The loss as a convergence signal': protocol, command, figure, the rank correlations of
+    bench.convergence's record at ``path`` and the verdicts they give; [] when not recorded."""
+    if not path.is_file():
+        return []
+    import json
+
+    record = json.loads(path.read_text())
+    p, m, configs = record["protocol"], record["machine"], record["configs"]
+    seeds = " ".join(str(s) for s in p["seeds"])
+    kl_bar = BARS["ring8"]["reverse_kl"][1]
+    # Each run records the machine that trained it; the file's own is the last invocation's
+    # (maybe a --plot-only redraw).
+    ran = [r.get("machine", m) for entry in configs.values() for r in entry["runs"]]
+    commits = ", ".join(f"`{c}`" for c in sorted({r["commit"] for r in ran}))
+    days = sorted({r["date"][:10] for r in ran})
+    dates = days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
+    out = [
+        "",
+        "## The loss as a convergence signal",
+        "",
+        "The claim tested (Arjovsky et al. 2017, Wasserstein GAN): a minimax GAN's D and G losses "
+        "do not fall as training progresses and say little about sample quality, while a WGAN "
+        "critic's estimate of the Wasserstein distance, E[D(x)] - E[D(G(z))], falls as the "
+        "samples improve.",
+        "",
+        f"Protocol: ring-8 (docs/PROTOCOLS.md section 1: {p['samples']:,} samples, HQ = within 3 "
+        "std of the nearest mean, a mode is captured by >= 1 HQ sample, reverse KL over "
+        f"nearest-mean assignments), {p['steps']:,} G steps, evaluated every {p['every']} steps; "
+        "d_loss / g_loss (and the estimate) are the means over the steps since the previous "
+        f"evaluation (gan_core/loop.py); seeds {seeds}; one torch thread per run. Configs: "
+        + "; ".join(
+            f"{entry['label']}: `{p['configs'][name]['preset']}` "
+            + (" ".join(p["configs"][name]["overrides"]) or "(preset as is)")
+            for name, entry in configs.items()
+        )
+        + (f"; every run also {' '.join(p['extra_overrides'])}" if p["extra_overrides"] else "")
+        + ". The presets decay the learning rate to 0 (cosine), so anything that drifts with "
+        "training time correlates with a quality that improves with it: the rank correlation "
+        "with the step is shown beside the one with quality.",
+        "",
+        f"Command: `python -m bench.convergence --steps {p['steps']} --every {p['every']} "
+        f"--seeds {seeds}"
+        + (f" --set {' '.join(p['extra_overrides'])}" if p["extra_overrides"] else "")
+        + "` (writes bench/out/convergence.json and docs/"
+        + CONVERGENCE_FIGURE
+        + "); "
+        f"runs trained at commit {commits} on {dates} ({m['cores']} cores, {m['cpu']}).",
+        "",
+    ]
+    if (Path(__file__).resolve().parent.parent / "docs" / CONVERGENCE_FIGURE).is_file():
+        out += [f"![training signals against coverage on ring-8]({CONVERGENCE_FIGURE})", ""]
+    out += [
+        "Spearman's rank correlation (rho) over the evaluations of each signal with reverse KL, "
+        "HQ % and the step (median over seeds); a signal that tracks convergence in the claim's "
+        "sense has rho > 0 with reverse KL and < 0 with HQ %. First / last eval: the signal's "
+        "value at the first and the last evaluation (the clipped critic's values are small: "
+        "weights clipped to [-0.01, 0.01] keep its outputs, and their differences, small).",
+        "",
+    ]
+    rows = []
+    for entry in configs.values():
+        s = entry["summary"]
+        for signal, by_target in s["rho"].items():
+            rows.append(
+                [
+                    entry["label"],
+                    signal,
+                    f"{s['first'][signal]:.4g}",
+                    f"{s['last'][signal]:.4g}",
+                    *(_rho(by_target[t]["median"]) for t in ("reverse_kl", "hq_pct", "step")),
+                ]
+            )
+    out += _table(
+        [
+            "objective",
+            "signal",
+            "first eval",
+            "last eval",
+            "rho vs reverse KL",
+            "rho vs HQ %",
+            "rho vs step",
+        ],
+        rows,
+    )
+    out += ["", "Quality over the run (first -> last evaluation, median over seeds):", ""]
+    for entry in configs.values():
+        s = entry["summary"]
+        out.append(
+            f"- {entry['label']}: modes {s['first']['modes']:.0f} -> {s['last']['modes']:.0f}, "
+            f"HQ {s['first']['hq_pct']:.1f} -> {s['last']['hq_pct']:.1f} %, reverse KL "
+            f"{s['first']['reverse_kl']:.3f} -> {s['last']['reverse_kl']:.3f}; over the run HQ "
+            f"{s['range']['hq_pct'][0]:.1f}-{s['range']['hq_pct'][1]:.1f} %, reverse KL "
+            f"{s['range']['reverse_kl'][0]:.3f}-{s['range']['reverse_kl'][1]:.3f} (rho of "
+            f"reverse KL with the step {_rho(s['reverse_kl_vs_step'])})"
+        )
+    out += [
+        "",
+        "Verdicts, computed from the medians above: a signal follows quality when |rho| >= "
+        f"{RHO_TRACKS} with reverse KL and with HQ %, in the directions of one quality (rho > 0 "
+        "with reverse KL and < 0 with HQ %, or the reverse); it says little when |rho| < "
+        f"{RHO_TRACKS} with both, and it gives no consistent reading of quality when it follows "
+        "one metric only or the two in contradicting senses; the GAN losses count as saying "
+        "little unless one of them follows quality. A quality metric that hardly moves over the"
+        f" run cannot rank the signals: where reverse KL stays at or below {kl_bar} (ring-8's "
+        "bar, so good all run) at every evaluation, the verdict reads HQ % alone. The two "
+        "metrics can disagree: reverse KL assigns every sample, HQ or not, to its nearest mean "
+        "(gan_core/metrics.py), so samples spread around the whole ring score a low reverse KL "
+        "at an HQ % near 0.",
+        "",
+    ]
+    for entry in configs.values():
+        rho = {
+            sig: (by["reverse_kl"]["median"], by["hq_pct"]["median"])
+            for sig, by in entry["summary"]["rho"].items()
+        }
+        use_kl = entry["summary"]["range"]["reverse_kl"][1] > kl_bar
+        basis = "" if use_kl else " (reverse KL within its bar all run: HQ % alone)"
+        if "wasserstein" in rho:
+            kl, hq = rho["wasserstein"]
+            how = _relation(kl, hq, use_kl)
+            out.append(
+                f"- {entry['label']}: the critic's estimate has rho {_rho(kl)} with reverse KL and "
+                f"{_rho(hq)} with HQ %{basis}: it {how}; the claim (it falls as the samples "
+                "improve) is "
+                + (
+                    "supported here."
+                    if how == "falls as the samples improve"
+                    else "not supported here."
+                )
+                + _time_caveat(entry["summary"]["rho"]["wasserstein"], hq)
+            )
+            continue
+        parts = [
+            f"{sig} (rho {_rho(kl)} / {_rho(hq)}) {_relation(kl, hq, use_kl)}"
+            for sig, (kl, hq) in rho.items()
+        ]
+        # The losses say something only where one falls or rises with quality consistently.
+        consistent = ("falls as the samples improve", "rises as the samples improve")
+        little = all(_relation(kl, hq, use_kl) not in consistent for kl, hq in rho.values())
+        out.append(
+            f"- {entry['label']}, with reverse KL / HQ %{basis}: "
+            + "; ".join(parts)
+            + ": the claim (the losses say little) is "
+            + ("supported here." if little else "not supported here.")
+        )
+    return out
 
 
 def _fashion(items: list[dict[str, Any]], ref: dict[str, Any] | None) -> list[str]:
