@@ -9,17 +9,9 @@ import pytest
 
 from bench import convergence as cv
 from bench import results_doc
+from tests.gan_core.test_loop import PNG_MAGIC, TINY
 
-TINY = [
-    "generators.width=16",
-    "generators.depth=2",
-    "discriminator.width=16",
-    "discriminator.depth=2",
-    "discriminator.maxout_pieces=1",
-    "train.batch_size=8",
-    "eval.grid=16",
-]
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# The loop tests' tiny nets and the PNG signature, shared rather than copied.
 
 
 def test_spearman_on_known_sequences():
